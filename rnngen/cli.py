@@ -1,0 +1,360 @@
+"""The `rnngen` command: a thin click layer over the library. torch is imported only by commands that use it."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from . import __version__
+
+EXAMPLES = {
+    "train": "rnngen train                       # the built-in corpus (Python's help pages)\n"
+             "rnngen train corpus.txt --out checkpoints/mine --max-time 600\n"
+             "rnngen train tinyshakespeare --hidden 512 --layers 3     # fetched once, then cached\n"
+             "rnngen train book.txt --tokenizer bpe --vocab-size 2000\n"
+             "rnngen train --resume --out checkpoints/mine             # continue exactly where it stopped",
+    "sample": "rnngen sample checkpoints/mine --prompt 'ROMEO:' --length 300\n"
+              "rnngen sample checkpoints/mine -t 0.5 -t 1.0 --seed 7   # one sample per temperature\n"
+              "rnngen sample checkpoints/mine --top-p 0.9 --stop '\\n\\n' > out.txt",
+}
+
+
+def _check_positive(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+    values = value if isinstance(value, tuple) else (value,)
+    for v in values:
+        if v is not None and not (math.isfinite(v) and v > 0):
+            raise click.BadParameter(f"must be a positive number, got {v}")
+    return value
+
+
+def _check_top_p(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
+    if value is not None and not (math.isfinite(value) and 0 < value <= 1):
+        raise click.BadParameter(f"must be in (0, 1], got {value}")
+    return value
+
+
+def _unescape(text: str) -> str:
+    """Let users type \\n and \\t in prompts and stop strings."""
+    return text.replace("\\n", "\n").replace("\\t", "\t")
+
+
+class RnngenGroup(click.Group):
+    """Turns every error into one line on stderr and an exit status (no traceback unless --debug)."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        debug = "--debug" in sys.argv[1:] or os.environ.get("RNNGEN_DEBUG") == "1"
+        try:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        except click.exceptions.Exit as exc:
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            _error("aborted")
+            sys.exit(130)
+        except click.UsageError as exc:
+            hint = f" (see: {exc.ctx.command_path} --help)" if exc.ctx else ""
+            _error(f"{exc.format_message()}{hint}")
+            sys.exit(2)
+        except KeyboardInterrupt:
+            _error("interrupted")
+            sys.exit(130)
+        except BrokenPipeError:
+            sys.stderr.close()  # e.g. `rnngen sample ... | head`: nothing more to say
+            sys.exit(0)
+        except Exception as exc:
+            from .errors import RnngenError
+
+            if debug:
+                raise
+            if isinstance(exc, RnngenError):
+                _error(str(exc))
+                sys.exit(exc.exit_code)
+            if isinstance(exc, MemoryError):
+                _error("out of memory; use a smaller --batch-size, --hidden or --seq-len")
+                sys.exit(1)
+            _error(f"unexpected {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
+                   "(rerun with --debug for the traceback, and please report it)")
+            sys.exit(1)
+
+
+def _error(message: str) -> None:
+    from .console import error
+
+    error(message)
+
+
+@click.group(cls=RnngenGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="rnngen")
+@click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
+def main(debug: bool) -> None:
+    """Train recurrent language models on your own text, then generate from them."""
+
+
+# ---------------------------------------------------------------------------------------------- train
+@main.command(epilog="Examples:\n\n\b\n" + EXAMPLES["train"])
+@click.argument("corpus", nargs=-1)
+@click.option("--out", "-o", type=click.Path(file_okay=False), help="Run directory [default: checkpoints/NAME].")
+@click.option("--resume", is_flag=True, help="Continue the run in --out exactly where it stopped.")
+@click.option("--arch", type=click.Choice(["lstm", "gru", "rnn"]), help="Recurrent cell [default: lstm].")
+@click.option("--layers", type=int, help="Recurrent layers [default: 2].")
+@click.option("--hidden", type=int, help="Hidden units per layer [default: 512].")
+@click.option("--emb-dim", type=int, help="Embedding size [default: 128].")
+@click.option("--dropout", type=float, help="Dropout between layers and before the output [default: 0.2].")
+@click.option("--emb-dropout", type=float, help="Dropout on embeddings [default: 0.1].")
+@click.option("--tie-weights", is_flag=True, default=None, help="Share embedding and output matrices.")
+@click.option("--tokenizer", type=click.Choice(["char", "bpe", "unigram"]), help="[default: char]")
+@click.option("--vocab-size", type=int, help="Subword vocabulary size for bpe/unigram [default: 2000].")
+@click.option("--min-char-count", type=int, help="Fold characters seen fewer times into <unk> [default: 1].")
+@click.option("--batch-size", "-b", type=int, help="Sequences per batch [default: 32].")
+@click.option("--seq-len", type=int, help="Tokens per backpropagation window [default: 128].")
+@click.option("--lr", type=float, help="Peak learning rate [default: 0.003].")
+@click.option("--warmup-steps", type=int, help="Linear warm-up steps [default: 100].")
+@click.option("--weight-decay", type=float, help="AdamW weight decay [default: 0.01].")
+@click.option("--grad-clip", type=float, help="Gradient norm clip [default: 1.0].")
+@click.option("--max-steps", type=int, help="Stop after this many steps [default: 2000].")
+@click.option("--max-time", type=float, help="Stop after this many seconds (the schedule fits it).")
+@click.option("--eval-every", type=int, help="Evaluate and checkpoint every N steps [default: 200].")
+@click.option("--eval-max-tokens", type=int, help="Cap on validation tokens per evaluation [default: all].")
+@click.option("--patience", type=int, help="Stop after N evaluations without improvement [default: off].")
+@click.option("--save-every", type=int, help="Also save the resume checkpoint every N steps.")
+@click.option("--val-fraction", type=float, help="Share of the corpus (from the end) held out [default: 0.1].")
+@click.option("--seed", type=int, help="Random seed [default: 1337].")
+@click.option("--device", help="auto, cpu, cuda or mps [default: auto].")
+@click.option("--encoding", default="utf-8", show_default=True, help="Text encoding of the corpus files.")
+@click.option("--errors", type=click.Choice(["strict", "replace", "ignore"]), default="strict", show_default=True,
+              help="What to do with undecodable bytes.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar or sample.")
+@click.option("--json", "as_json", is_flag=True, help="Print the final metrics as one JSON object on stdout.")
+def train(corpus: tuple[str, ...], out: str | None, resume: bool, encoding: str, errors: str, quiet: bool,
+          as_json: bool, **options: Any) -> None:
+    """Train a language model on CORPUS (text files, or a named data set: tinyshakespeare, names).
+
+    With no CORPUS it trains on a built-in corpus: the help pages of this Python installation.
+    Writes best/ and last/ checkpoints and metrics.jsonl into --out. Ctrl-C stops after saving;
+    --resume continues where it stopped.
+    """
+    import signal
+    import threading
+
+    from . import console
+    from .checkpoint import run_lock
+    from .train import prepare_run
+
+    if resume and not out:
+        raise click.UsageError("--resume needs --out DIR, the run to continue")
+    out = out or _default_out(corpus)
+    options = {k: v for k, v in options.items() if v is not None}
+    stop = threading.Event()
+    progress = console.TrainProgress(enabled=not (quiet or as_json))
+    trainer = prepare_run(list(corpus), out, resume=resume, encoding=encoding, errors=errors,
+                          callback=progress.update, stop=stop, **options)
+    if not (quiet or as_json):
+        what = trainer.meta.get("training", {}).get("corpus", "")
+        verb = f"resuming at step {trainer.pos.step}" if resume else "training"
+        console.note(f"{verb} on {what}: {trainer.model.num_parameters():,} parameters, "
+                     f"{len(trainer.split.tokens):,} tokens, device {trainer.device.type}, into {out}")
+
+    def request_stop(signum: int, frame: Any) -> None:
+        if stop.is_set():  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        stop.set()
+
+    previous = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with run_lock(trainer.run_dir), progress:
+            result = trainer.run()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if as_json:
+        click.echo(json.dumps(result.to_dict()))
+        return
+    if result.stopped == "interrupted":
+        console.note(f"stopped at step {result.steps}, saved; continue with: rnngen train --resume --out {out}")
+        return
+    best = result.best_val
+    if not quiet:
+        console.note(f"done ({result.stopped.replace('_', ' ')}) after {result.steps} steps, "
+                     f"{result.elapsed:.0f} s; best validation {best.get('loss', float('nan')):.4f} nats/token, "
+                     f"{best.get('bits_per_char', float('nan')):.3f} bits/char; saved in {out}")
+        from .generate import Generator
+
+        console.note(f"a sample (rnngen sample {out}):")
+        for piece in Generator.load(out).generate(length=300, temperature=0.8, seed=0):
+            console.stream(piece)
+        console.stream("\n")
+
+
+def _default_out(corpus: tuple[str, ...]) -> str:
+    """checkpoints/NAME, or NAME-2, NAME-3... if taken."""
+    name = Path(corpus[0]).stem if corpus else "builtin"
+    base = Path("checkpoints") / (name or "run")
+    candidate, n = base, 1
+    while candidate.exists() and any(candidate.iterdir()):
+        n += 1
+        candidate = base.with_name(f"{base.name}-{n}")
+    return str(candidate)
+
+
+# --------------------------------------------------------------------------------------------- sample
+@main.command(epilog="Examples:\n\n\b\n" + EXAMPLES["sample"])
+@click.argument("checkpoint", type=click.Path())
+@click.option("--prompt", "-p", default="", help="Text to start from (\\n for newline); it is printed first.")
+@click.option("--length", "-n", type=click.IntRange(min=0), default=500, show_default=True,
+              help="Tokens to generate per sample.")
+@click.option("--temperature", "-t", type=float, multiple=True, callback=_check_positive,
+              help="Sampling temperature; repeat for one sample per value [default: 0.8].")
+@click.option("--top-k", type=click.IntRange(min=1), help="Sample only from the k most likely tokens.")
+@click.option("--top-p", type=float, callback=_check_top_p, help="Nucleus sampling: smallest set with this mass.")
+@click.option("--greedy", is_flag=True, help="Always take the most likely token.")
+@click.option("--num-samples", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--stop", multiple=True, help="End a sample at this string (repeatable; \\n allowed).")
+@click.option("--seed", type=int, help="Same seed, same text.")
+@click.option("--device", default="cpu", show_default=True)
+def sample(checkpoint: str, prompt: str, length: int, temperature: tuple[float, ...], top_k: int | None,
+           top_p: float | None, greedy: bool, num_samples: int, stop: tuple[str, ...], seed: int | None,
+           device: str) -> None:
+    """Generate text from a trained CHECKPOINT, streaming it to stdout."""
+    from . import console
+    from .config import SampleConfig
+    from .generate import Generator, make_generator
+    from .train import resolve_device
+
+    gen = Generator.load(checkpoint, device=str(resolve_device(device)))
+    prompt = _unescape(prompt)
+    unknown = gen.unknown_characters(prompt)
+    if unknown:
+        console.warn(f"{unknown} character(s) of the prompt are not in the model's vocabulary; read as <unk>")
+    temperatures = temperature or (0.8,)
+    stops = tuple(_unescape(s) for s in stop)
+    configs = [SampleConfig(t, top_k, top_p, greedy, length, stops, seed) for t in temperatures]
+    rng = make_generator(seed, gen.device)  # one stream of randomness across all samples
+    many = len(configs) * num_samples > 1
+    for config in configs:
+        for i in range(num_samples):
+            if many:
+                console.note(f"--- temperature {config.temperature:g}, sample {i + 1}/{num_samples}")
+            console.stream(prompt)
+            for piece in gen.continue_from(gen.start(prompt), config, rng):
+                console.stream(piece)
+            console.stream("\n")
+
+
+# ----------------------------------------------------------------------------------------------- eval
+@main.command(name="eval")
+@click.argument("checkpoint", type=click.Path())
+@click.argument("file", type=click.Path())
+@click.option("--encoding", default="utf-8", show_default=True)
+@click.option("--errors", type=click.Choice(["strict", "replace", "ignore"]), default="strict", show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the numbers as JSON.")
+def eval_(checkpoint: str, file: str, encoding: str, errors: str, device: str, as_json: bool) -> None:
+    """Loss of a text FILE under CHECKPOINT: nats/char, bits/char and perplexity.
+
+    Example: rnngen eval checkpoints/mine held_out.txt --json
+    """
+    from . import console
+    from .corpora import resolve_corpus
+    from .generate import Generator
+    from .train import resolve_device
+
+    text = resolve_corpus([file], encoding, errors).read()
+    gen = Generator.load(checkpoint, device=str(resolve_device(device)))
+    result = gen.evaluate(text)
+    if result["unknown_characters"]:
+        console.warn(f"{result['unknown_characters']} character(s) of {file} are not in the model's vocabulary")
+    if as_json:
+        click.echo(json.dumps(result))
+        return
+    console.stdout.print(f"[bold]{file}[/] under {gen.directory}")
+    console.stdout.print(console.key_value_table({
+        "nats/char": result["nats_per_char"], "bits/char": result["bits_per_char"],
+        "nats/token": result["loss"], "perplexity (per token)": result["perplexity"],
+        "tokens scored": result["tokens"]}))
+
+
+# ----------------------------------------------------------------------------------------------- info
+@main.command()
+@click.argument("checkpoint", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print config.json and the metrics history as JSON.")
+def info(checkpoint: str, as_json: bool) -> None:
+    """Describe a CHECKPOINT: model, tokenizer, training history, best validation loss."""
+    from . import console
+    from .checkpoint import read_metrics
+    from .generate import Generator
+
+    gen = Generator.load(checkpoint)
+    config, metrics = gen.config, read_metrics(gen.run_dir)
+    if as_json:
+        click.echo(json.dumps({"directory": str(gen.directory), "config": config, "metrics": metrics}))
+        return
+    m, t = config["model"], config.get("training", {})
+    best = t.get("best_val") or {}
+    tok = gen.tokenizer
+    vocab_preview = "".join(tok.decode([i]) for i in range(1, min(tok.vocab_size, 80)))
+    console.stdout.print(f"[bold]{gen.directory}[/]")
+    console.stdout.print(console.key_value_table({
+        "model": f"{m['arch']} {m['layers']}x{m['hidden']}, embedding {m['emb_dim']}, dropout {m['dropout']}"
+                 f"{', tied' if m.get('tie_weights') else ''}",
+        "parameters": f"{gen.model.num_parameters():,}",
+        "tokenizer": f"{tok.kind}, {tok.vocab_size} symbols",
+        "vocabulary": repr(vocab_preview) if tok.kind == "char" else "(subwords)",
+        "corpus": t.get("corpus", "-"), "steps": t.get("step"), "training time": f"{t.get('seconds', 0):.0f} s",
+        "best step": t.get("best_step"),
+        "best validation": f"{best['loss']:.4f} nats/token, {best['bits_per_char']:.4f} bits/char" if best else "-",
+        "written by": f"rnngen {config.get('rnngen_version', '?')}"}))
+    if metrics:
+        table = console.Table(title="history (metrics.jsonl)", title_justify="left")
+        for col in ("step", "seconds", "train loss", "val loss", "bits/char"):
+            table.add_column(col, justify="right")
+        shown = metrics if len(metrics) <= 12 else metrics[:4] + metrics[-8:]
+        for r in shown:
+            table.add_row(str(r["step"]), f"{r['seconds']:.0f}", console.fmt(r.get("train_loss")),
+                          console.fmt(r.get("val_loss")), console.fmt(r.get("val_bits_per_char")))
+        console.stdout.print(table)
+
+
+# ----------------------------------------------------------------------------------------------- plot
+@main.command()
+@click.argument("checkpoint", type=click.Path())
+@click.option("--output", "-o", default="curve.png", show_default=True, type=click.Path(dir_okay=False))
+def plot(checkpoint: str, output: str) -> None:
+    """Plot training and validation loss of a run against step and time (needs rnngen[plot]).
+
+    Example: rnngen plot checkpoints/mine -o curve.png
+    """
+    from . import console
+    from .checkpoint import read_metrics, resolve_checkpoint_dir, run_dir_of
+    from .errors import InputError
+
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise InputError("plotting needs matplotlib: pip install 'rnngen[plot]'") from None
+    metrics = read_metrics(run_dir_of(resolve_checkpoint_dir(checkpoint)))
+    if not metrics:
+        raise InputError(f"{checkpoint} has no metrics.jsonl records to plot; train for at least one evaluation")
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for ax, key, label in ((axes[0], "step", "step"), (axes[1], "seconds", "seconds")):
+        xs = [r[key] for r in metrics]
+        ax.plot(xs, [r.get("train_loss") for r in metrics], label="train (smoothed)")
+        ax.plot(xs, [r["val_loss"] for r in metrics], label="validation", marker=".")
+        ax.set_xlabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("loss (nats/token)")
+    axes[0].legend()
+    fig.suptitle(str(checkpoint))
+    fig.tight_layout()
+    try:
+        fig.savefig(output, dpi=110)
+    except OSError as exc:
+        raise InputError(f"cannot write {output}: {exc.strerror}") from None
+    console.note(f"wrote {output}")

@@ -1,0 +1,80 @@
+"""Terminal rendering for the CLI (rich): progress, tables, warnings, errors. Library code never prints."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+stderr = Console(stderr=True, highlight=False)
+stdout = Console(highlight=False)
+
+
+def error(message: str) -> None:
+    stderr.print(f"[bold red]error:[/] {message}", markup=True, soft_wrap=True)
+
+
+def warn(message: str) -> None:
+    stderr.print(f"[yellow]warning:[/] {message}", soft_wrap=True)
+
+
+def note(message: str) -> None:
+    stderr.print(message, soft_wrap=True, markup=False)
+
+
+def fmt(value: Any, digits: int = 4) -> str:
+    return "-" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+class TrainProgress:
+    """A progress bar for training runs; use as a context manager and pass ``update`` as the callback."""
+
+    SCALE = 10_000
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.progress = Progress(
+            TextColumn("step {task.fields[step]:>6}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+            TextColumn("loss {task.fields[loss]}  val {task.fields[val]}  {task.fields[speed]} chars/s"),
+            TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+            console=stderr, disable=not enabled, transient=False, refresh_per_second=4)
+        self.task = self.progress.add_task("train", total=self.SCALE, step=0, loss="-", val="-", speed="-")
+
+    def __enter__(self) -> TrainProgress:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+    def update(self, event: Any) -> None:
+        done = event.step / event.max_steps
+        if event.max_time:
+            done = max(done, event.elapsed / event.max_time)
+        fields: dict[str, Any] = {"step": event.step}
+        if event.loss is not None:
+            fields["loss"] = f"{event.loss:.3f}"
+        if event.chars_per_s:
+            fields["speed"] = f"{event.chars_per_s:,.0f}"
+        if event.val:
+            fields["val"] = f"{event.val['loss']:.3f} ({event.val['bits_per_char']:.3f} bpc)"
+        if event.kind == "nan":
+            self.progress.console.print(f"[yellow]warning:[/] {event.message}")
+        self.progress.update(self.task, completed=min(1.0, done) * self.SCALE, **fields)
+
+
+def key_value_table(rows: dict[str, Any]) -> Table:
+    table = Table(show_header=False, box=None, pad_edge=False)
+    table.add_column(style="bold")
+    table.add_column()
+    for key, value in rows.items():
+        table.add_row(key, fmt(value))
+    return table
+
+
+def stream(text: str) -> None:
+    """Write generated text to stdout as it comes."""
+    sys.stdout.write(text)
+    sys.stdout.flush()

@@ -1,0 +1,443 @@
+"""The language-model training loop. It knows nothing of the terminal: it reports through a callback.
+
+One run directory (see checkpoint.py) holds the best and the last checkpoint and metrics.jsonl.
+Resume is exact: the last checkpoint carries the optimizer, the step (hence the schedule), the RNG
+states, the data position and the recurrent state carried between windows.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .checkpoint import (BEST, LAST, append_metrics, load_checkpoint, load_trainer_state, resolve_checkpoint_dir,
+                         run_lock, save_checkpoint)
+from .config import ModelConfig, TrainConfig, from_dict, to_dict
+from .corpora import Corpus, resolve_corpus
+from .data import StreamBatches, TokenSplit, eval_windows, tokenize_to_file
+from .errors import InputError, TrainingError
+from .model import RNNModel, State, detach_state
+from .tokenizers import Tokenizer, fit_tokenizer
+
+LN2 = math.log(2.0)
+
+
+@dataclass
+class TrainEvent:
+    """What the loop tells its caller: kind is start, step, eval, nan or end."""
+
+    kind: str
+    step: int
+    max_steps: int
+    elapsed: float
+    max_time: float | None = None
+    loss: float | None = None
+    lr: float | None = None
+    chars_per_s: float | None = None
+    val: dict[str, float] | None = None
+    message: str = ""
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    steps: int
+    elapsed: float
+    stopped: str  # max_steps, max_time, early_stop or interrupted
+    best_val: dict[str, float] = field(default_factory=dict)
+    last_val: dict[str, float] = field(default_factory=dict)
+    train_loss: float | None = None
+    corpus: str = ""
+    params: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"run_dir": str(self.run_dir), "steps": self.steps, "seconds": round(self.elapsed, 2),
+                "stopped": self.stopped, "train_loss": self.train_loss, "best": self.best_val,
+                "last": self.last_val, "corpus": self.corpus, "parameters": self.params}
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA, then MPS, then the CPU; an unavailable device is an InputError."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise InputError("--device mps was asked for but MPS is not available; use --device cpu")
+    return torch.device(name)
+
+
+def lr_at(config: TrainConfig, step: int, progress: float) -> float:
+    """Linear warm-up, then cosine decay to ``lr * min_lr_ratio`` as ``progress`` goes 0 -> 1."""
+    warm = min(1.0, (step + 1) / config.warmup_steps) if config.warmup_steps else 1.0
+    cosine = 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return config.lr * warm * (config.min_lr_ratio + (1.0 - config.min_lr_ratio) * cosine)
+
+
+def autocast(device: torch.device) -> Any:
+    """bf16 autocast on CUDA; a no-op elsewhere (CPU stays fp32)."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+@torch.no_grad()
+def evaluate(model: RNNModel, tokens: np.ndarray, char_lengths: np.ndarray, device: torch.device,
+             seq_len: int = 256, max_tokens: int | None = None) -> dict[str, float]:
+    """Loss of ``tokens`` read in parallel lanes with the state carried: nats/token, nats/char, bits/char."""
+    was_training = model.training
+    model.eval()
+    total_nats, total_tokens, total_chars = 0.0, 0, 0
+    state: State | None = None
+    lengths = torch.from_numpy(char_lengths)
+    for x, y in eval_windows(tokens, seq_len, max_tokens=max_tokens):
+        with autocast(device):
+            logits, state = model(x.to(device), state)
+        total_nats += F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten(), reduction="sum").item()
+        total_tokens += y.numel()
+        total_chars += int(lengths[y].sum())
+    model.train(was_training)
+    loss = total_nats / total_tokens
+    per_char = total_nats / max(1, total_chars)
+    return {"loss": loss, "nats_per_char": per_char, "bits_per_char": per_char / LN2,
+            "perplexity": math.exp(min(loss, 50.0)), "tokens": total_tokens}
+
+
+def make_optimizer(model: RNNModel, config: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW; biases, norms and embeddings are not decayed."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        (no_decay if param.ndim < 2 or "embedding" in name else decay).append(param)
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    fused = device.type == "cuda"
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.99), fused=fused)
+
+
+def _optimizer_to_saved(opt: torch.optim.Optimizer) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor]]:
+    sd = opt.state_dict()
+    tensors = {f"optim.{idx}.{key}": value for idx, st in sd["state"].items() for key, value in st.items()
+               if torch.is_tensor(value)}
+    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in sd["param_groups"]]
+    return groups, tensors
+
+
+def _optimizer_from_saved(opt: torch.optim.Optimizer, groups: list[dict[str, Any]],
+                          tensors: dict[str, torch.Tensor]) -> None:
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, idx, name = key.split(".", 2)
+            state.setdefault(int(idx), {})[name] = value
+    for g in groups:
+        if "betas" in g:
+            g["betas"] = tuple(g["betas"])
+    opt.load_state_dict({"state": state, "param_groups": groups})
+
+
+@dataclass
+class _Position:
+    """Where the loop is; everything in it is saved for an exact resume."""
+
+    step: int = 0
+    epoch: int = 0
+    index: int = 0
+    elapsed: float = 0.0
+    best_loss: float = math.inf
+    best_step: int = 0
+    evals_since_best: int = 0
+    lr_scale: float = 1.0
+    nan_retries: int = 0
+
+
+class Trainer:
+    """Trains ``model`` on ``split`` into ``run_dir``; call ``run()``."""
+
+    def __init__(self, model: RNNModel, tokenizer: Tokenizer, split: TokenSplit, config: TrainConfig,
+                 run_dir: Path, meta: dict[str, Any], device: torch.device,
+                 callback: Callable[[TrainEvent], None] | None = None,
+                 stop: threading.Event | None = None) -> None:
+        self.model, self.tokenizer, self.split, self.config = model.to(device), tokenizer, split, config
+        self.run_dir, self.meta, self.device = run_dir, meta, device
+        self.callback = callback or (lambda event: None)
+        self.stop = stop or threading.Event()
+        self.batches = StreamBatches(split.train, config.batch_size, config.seq_len, config.seed)
+        self.char_lengths = tokenizer.char_lengths()
+        self.optimizer = make_optimizer(model, config, device)
+        self.pos = _Position()
+        self.state: State | None = None
+        self.last_val: dict[str, float] = {}
+        self.best_val: dict[str, float] = {}
+        self.train_loss: float | None = None
+        train_sample = np.asarray(split.train[: 1 << 20])
+        self.chars_per_token = float(self.char_lengths[train_sample].mean()) if len(train_sample) else 1.0
+        nan_at = os.environ.get("RNNGEN_TEST_NAN_AT_STEP", "")  # test hook: inject a NaN loss at these steps
+        self._inject_nan = {int(s) for s in nan_at.split(",") if s.strip()}
+        self._good: dict[str, Any] | None = None
+
+    # -- saving and restoring -------------------------------------------------------------------
+    def _trainer_state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        groups, tensors = _optimizer_to_saved(self.optimizer)
+        tensors["rng.cpu"] = torch.get_rng_state()
+        if self.device.type == "cuda":
+            tensors["rng.cuda"] = torch.cuda.get_rng_state(self.device)
+        for i, s in enumerate(self.state or ()):
+            tensors[f"carry.{i}"] = s
+        state = {"position": vars(self.pos).copy(), "optimizer_groups": groups,
+                 "train_config": to_dict(self.config), **self.meta.get("resume", {})}
+        return state, tensors
+
+    def restore(self, state: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+        """Continue from a saved trainer state (see ``_trainer_state``)."""
+        self.pos = _Position(**state["position"])
+        _optimizer_from_saved(self.optimizer, state["optimizer_groups"],
+                              {k: v.to(self.device) if not k.endswith(".step") else v for k, v in tensors.items()})
+        torch.set_rng_state(tensors["rng.cpu"])
+        if self.device.type == "cuda" and "rng.cuda" in tensors:
+            torch.cuda.set_rng_state(tensors["rng.cuda"], self.device)
+        carry = [tensors[k].to(self.device) for k in sorted(tensors) if k.startswith("carry.")]
+        self.state = tuple(carry) if carry else None
+
+    def _checkpoint_meta(self) -> dict[str, Any]:
+        return {"training": {**self.meta.get("training", {}), "step": self.pos.step,
+                             "seconds": round(self.pos.elapsed, 1), "best_step": self.pos.best_step,
+                             "best_val": self.best_val, "last_val": self.last_val,
+                             "train_config": to_dict(self.config)}}
+
+    def save_last(self) -> None:
+        state, tensors = self._trainer_state()
+        save_checkpoint(self.run_dir / LAST, self.model, self.tokenizer, self._checkpoint_meta(), state, tensors)
+
+    def _snapshot(self) -> None:
+        """Keep the last good state in memory, to roll back to if the loss turns NaN."""
+        self._good = {"model": copy.deepcopy(self.model.state_dict()),
+                      "optimizer": copy.deepcopy(self.optimizer.state_dict()),
+                      "pos": replace(self.pos), "state": self.state}
+
+    def _roll_back(self) -> None:
+        if self._good is None or self.pos.nan_retries >= self.config.max_nan_retries:
+            raise TrainingError(f"the loss became NaN/inf at step {self.pos.step} and kept diverging after "
+                                f"{self.pos.nan_retries} roll-backs; lower --lr or --grad-clip. "
+                                f"The best checkpoint in {self.run_dir} is intact")
+        retries, scale = self.pos.nan_retries + 1, self.pos.lr_scale * 0.5
+        bad_step = self.pos.step
+        self.model.load_state_dict(self._good["model"])
+        self.optimizer.load_state_dict(self._good["optimizer"])
+        self.pos, self.state = replace(self._good["pos"]), self._good["state"]
+        self.pos.nan_retries, self.pos.lr_scale = retries, scale
+        self._emit("nan", message=f"loss became NaN/inf at step {bad_step}: rolled back to step "
+                                  f"{self.pos.step}, learning rate x{scale:g}")
+
+    # -- the loop -----------------------------------------------------------------------------
+    def _emit(self, kind: str, **fields: Any) -> None:
+        self.callback(TrainEvent(kind, self.pos.step, self.config.max_steps, self.pos.elapsed,
+                                 self.config.max_time, **fields))
+
+    def _progress(self) -> float:
+        by_steps = self.pos.step / self.config.max_steps
+        by_time = self.pos.elapsed / self.config.max_time if self.config.max_time else 0.0
+        return max(by_steps, by_time)
+
+    def _train_step(self) -> float | None:
+        """One optimisation step; returns the loss, or None if it was not finite."""
+        pos, config = self.pos, self.config
+        if pos.index >= self.batches.steps_in_epoch(pos.epoch):
+            pos.epoch, pos.index, self.state = pos.epoch + 1, 0, None
+        x, y = self.batches.batch(pos.epoch, pos.index)
+        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        lr = lr_at(config, pos.step, self._progress()) * pos.lr_scale
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        with autocast(self.device):
+            logits, state = self.model(x, self.state)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+        if pos.step in self._inject_nan:
+            self._inject_nan.discard(pos.step)
+            loss = loss * float("nan")
+        value = loss.item()
+        if not math.isfinite(value):
+            return None
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip)
+        self.optimizer.step()
+        self.state = detach_state(state)
+        pos.step, pos.index = pos.step + 1, pos.index + 1
+        return value
+
+    def _evaluate_and_save(self) -> bool:
+        """Evaluate, log, save last (and best if better); True if early stopping says stop."""
+        pos, config = self.pos, self.config
+        val = evaluate(self.model, self.split.val, self.char_lengths, self.device,
+                       max_tokens=config.eval_max_tokens)
+        self.last_val = val
+        improved = math.isfinite(val["loss"]) and val["loss"] < pos.best_loss
+        if improved:
+            pos.best_loss, pos.best_step, pos.evals_since_best = val["loss"], pos.step, 0
+            self.best_val = val
+        else:
+            pos.evals_since_best += 1
+        append_metrics(self.run_dir, {"step": pos.step, "seconds": round(pos.elapsed, 2),
+                                      "train_loss": self.train_loss, "lr": self.optimizer.param_groups[0]["lr"],
+                                      **{f"val_{k}": v for k, v in val.items()}})
+        if improved:
+            save_checkpoint(self.run_dir / BEST, self.model, self.tokenizer, self._checkpoint_meta())
+        self.save_last()
+        self._snapshot()
+        self._emit("eval", val=val, loss=self.train_loss)
+        return config.patience is not None and pos.evals_since_best >= config.patience
+
+    def run(self) -> TrainResult:
+        config, pos = self.config, self.pos
+        if pos.step == 0:  # a resumed run restored its RNG state instead
+            torch.manual_seed(config.seed)
+        self.model.train()
+        self._snapshot()
+        self._emit("start")
+        started = time.perf_counter() - pos.elapsed
+        window_start, window_tokens = time.perf_counter(), 0
+        stopped = "max_steps"
+        while self.pos.step < config.max_steps:
+            if self.stop.is_set():
+                stopped = "interrupted"
+                break
+            if config.max_time and self.pos.elapsed >= config.max_time:
+                stopped = "max_time"
+                break
+            loss = self._train_step()
+            self.pos.elapsed = time.perf_counter() - started
+            if loss is None:
+                self._roll_back()
+                started = time.perf_counter() - self.pos.elapsed
+                continue
+            self.train_loss = loss if self.train_loss is None else 0.95 * self.train_loss + 0.05 * loss
+            window_tokens += config.batch_size * config.seq_len
+            now = time.perf_counter()
+            rate = window_tokens * self.chars_per_token / max(1e-9, now - window_start)
+            if now - window_start > 5.0:  # a sliding measurement window
+                window_start, window_tokens = now, 0
+            self._emit("step", loss=self.train_loss, lr=self.optimizer.param_groups[0]["lr"], chars_per_s=rate)
+            if self.pos.step % config.eval_every == 0 and self._evaluate_and_save():
+                stopped = "early_stop"
+                break
+            if config.save_every and self.pos.step % config.save_every == 0:
+                self.save_last()
+        if stopped == "interrupted":
+            self.save_last()  # no extra evaluation: the resumed run must see the same evaluations
+        elif self.pos.step % config.eval_every != 0 or not self.last_val:
+            self._evaluate_and_save()  # the final state is always evaluated and saved
+        self._emit("end", message=stopped)
+        return TrainResult(self.run_dir, self.pos.step, self.pos.elapsed, stopped, self.best_val, self.last_val,
+                           self.train_loss, self.meta.get("training", {}).get("corpus", ""),
+                           self.model.num_parameters())
+
+
+# -- assembling a run from options ----------------------------------------------------------------
+
+MODEL_FIELDS = {"arch", "emb_dim", "hidden", "layers", "dropout", "emb_dropout", "tie_weights"}
+TOKENIZER_FIELDS = {"tokenizer", "vocab_size", "min_char_count"}
+
+
+def _split_options(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    train_fields = set(TrainConfig.__dataclass_fields__)
+    unknown = set(options) - MODEL_FIELDS - TOKENIZER_FIELDS - train_fields
+    if unknown:
+        raise InputError(f"unknown training option(s): {', '.join(sorted(unknown))}")
+    pick = lambda names: {k: v for k, v in options.items() if k in names and v is not None}  # noqa: E731
+    return pick(MODEL_FIELDS), pick(TOKENIZER_FIELDS), pick(train_fields)
+
+
+def has_run(run_dir: Path) -> bool:
+    try:
+        resolve_checkpoint_dir(run_dir)
+        return True
+    except Exception:
+        return False
+
+
+def prepare_run(sources: list[str], out: str | Path, resume: bool = False, encoding: str = "utf-8",
+                errors: str = "strict", callback: Callable[[TrainEvent], None] | None = None,
+                stop: threading.Event | None = None, **options: Any) -> Trainer:
+    """Build a Trainer for a new run, or for resuming the run in ``out``."""
+    run_dir = Path(out)
+    model_opts, tok_opts, train_opts = _split_options(options)
+    if resume:
+        return _prepare_resume(sources, run_dir, encoding, errors, train_opts, callback, stop)
+    if has_run(run_dir):
+        raise InputError(f"{run_dir} already holds a training run; pass --resume to continue it, "
+                         "or choose another --out")
+    config = TrainConfig(**train_opts)
+    corpus = resolve_corpus(sources, encoding, errors)
+    device = resolve_device(config.device)
+    kind = tok_opts.get("tokenizer", "char")
+    if kind not in ("char", "bpe", "unigram"):
+        raise InputError(f"unknown --tokenizer {kind!r}: use char, bpe or unigram")
+    vocab_size = tok_opts.get("vocab_size", 2000)
+    min_char_count = tok_opts.get("min_char_count", 1)
+    if vocab_size < 2 or min_char_count < 1:
+        raise InputError("--vocab-size must be at least 2 and --min-char-count at least 1")
+    tokenizer = fit_tokenizer(corpus.chunks(), kind, vocab_size, min_char_count)
+    tokens = tokenize_to_file(corpus, tokenizer)
+    model_config = ModelConfig(vocab_size=tokenizer.vocab_size, **model_opts)
+    split = TokenSplit.from_tokens(tokens, config.val_fraction)
+    torch.manual_seed(config.seed)
+    model = RNNModel(model_config)
+    meta = {"training": {"corpus": corpus.describe(), "tokens": len(tokens)},
+            "resume": {"corpus": {"paths": [str(p.resolve()) for p in corpus.paths], "encoding": encoding,
+                                  "errors": errors, "fingerprint": corpus.fingerprint()}}}
+    return Trainer(model, tokenizer, split, config, run_dir, meta, device, callback, stop)
+
+
+def _prepare_resume(sources: list[str], run_dir: Path, encoding: str, errors: str, overrides: dict[str, Any],
+                    callback: Callable[[TrainEvent], None] | None,
+                    stop: threading.Event | None) -> Trainer:
+    last = run_dir / LAST
+    if not (last / "config.json").is_file():
+        raise InputError(f"nothing to resume in {run_dir} (no {LAST}/ checkpoint); start a new run instead")
+    state, tensors = load_trainer_state(last)
+    saved = state["corpus"]
+    corpus = (resolve_corpus(sources, encoding, errors) if sources
+              else Corpus(tuple(Path(p) for p in saved["paths"]), saved["encoding"], saved["errors"]))
+    for p in corpus.paths:
+        if not p.is_file():
+            raise InputError(f"the corpus of this run is gone ({p}); pass it again: rnngen train FILE --resume")
+    if corpus.fingerprint() != saved["fingerprint"]:
+        raise InputError("the corpus differs from the one this run was trained on; resume with the same "
+                         "files, or start a new run with another --out")
+    config = replace(from_dict(TrainConfig, state["train_config"]), **overrides)
+    device = resolve_device(config.device)
+    model, tokenizer, ckpt_config, _ = load_checkpoint(last, device)
+    split = TokenSplit.from_tokens(tokenize_to_file(corpus, tokenizer), config.val_fraction)
+    meta = {"training": {k: v for k, v in ckpt_config.get("training", {}).items()
+                         if k in ("corpus", "tokens")}, "resume": {"corpus": saved}}
+    trainer = Trainer(model, tokenizer, split, config, run_dir, meta, device, callback, stop)
+    trainer.restore(state, tensors)
+    best = run_dir / BEST
+    if (best / "config.json").is_file():
+        trainer.best_val = load_checkpoint_meta_val(best)
+    return trainer
+
+
+def load_checkpoint_meta_val(directory: Path) -> dict[str, float]:
+    from .checkpoint import read_config
+
+    return dict(read_config(directory).get("training", {}).get("best_val") or {})
+
+
+def train_from_options(sources: list[str], out: str | Path, **options: Any) -> TrainResult:
+    """Python API entry point: prepare the run (new or resumed) and train it to the end."""
+    trainer = prepare_run(sources, out, **options)
+    with run_lock(trainer.run_dir):
+        return trainer.run()
