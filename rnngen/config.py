@@ -35,11 +35,11 @@ class ModelConfig:
 
     vocab_size: int
     arch: str = "lstm"
-    emb_dim: int = 128
-    hidden: int = 512
+    emb_dim: int = 64
+    hidden: int = 256
     layers: int = 2
-    dropout: float = 0.2  # between layers and on the outputs
-    emb_dropout: float = 0.1
+    dropout: float = 0.1  # between layers and on the outputs
+    emb_dropout: float = 0.0
     tie_weights: bool = False
     bidirectional: bool = False
 
@@ -60,14 +60,14 @@ class ModelConfig:
 class TrainConfig:
     """How to train: optimisation, schedule, evaluation and stopping."""
 
-    batch_size: int = 32
+    batch_size: int = 64
     seq_len: int = 128
-    lr: float = 3e-3
+    lr: float = 2e-3
     min_lr_ratio: float = 0.05  # cosine decays to lr * min_lr_ratio
-    warmup_steps: int = 100
+    warmup_steps: int = 50
     weight_decay: float = 0.01
     grad_clip: float = 1.0
-    max_steps: int = 2000
+    max_steps: int = 1000
     max_time: float | None = None  # seconds; the schedule follows whichever budget ends first
     eval_every: int = 200
     eval_max_tokens: int | None = None
@@ -75,6 +75,7 @@ class TrainConfig:
     save_every: int | None = None  # periodic "last" checkpoints between evaluations (steps)
     seed: int = 1337
     device: str = "auto"
+    precision: str = "auto"  # auto: bf16 on CUDA and on CPUs with native bf16, else fp32
     val_fraction: float = 0.1
     max_nan_retries: int = 3
 
@@ -89,6 +90,7 @@ class TrainConfig:
         _require(self.max_time is None or self.max_time > 0, "--max-time must be positive")
         _require(self.patience is None or self.patience >= 1, "--patience must be at least 1")
         _require(self.save_every is None or self.save_every >= 1, "--save-every must be at least 1")
+        _require(self.precision in ("auto", "fp32", "bf16"), "--precision must be auto, fp32 or bf16")
         _require(self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:"),
                  f"unknown device {self.device!r}: use auto, cpu, cuda or mps")
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import codecs
 import io
+import re
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Protocol
 
@@ -153,9 +154,12 @@ class SentencePieceTokenizer:
             )
         except RuntimeError as exc:
             message = str(exc).splitlines()[0] if str(exc) else "training failed"
-            if "Vocabulary size" in message or "vocab_size" in message:
-                raise InputError(f"--vocab-size {vocab_size} is too large for this corpus ({message}); "
-                                 "use a smaller --vocab-size") from None
+            if match := re.search(r"smaller than required_chars\. \d+ vs (\d+)", message):
+                raise InputError(f"--vocab-size {vocab_size} is too small for this corpus: it needs at least "
+                                 f"{match.group(1)} (256 byte pieces plus every character it uses)") from None
+            if match := re.search(r"Vocabulary size too high.*?<= (\d+)", message):
+                raise InputError(f"--vocab-size {vocab_size} is too large for this corpus; use at most "
+                                 f"{match.group(1)}") from None
             raise InputError(f"sentencepiece could not train on this corpus: {message}") from None
         return cls(model.getvalue(), kind)
 

@@ -1,0 +1,91 @@
+"""Shared fixtures: an isolated cache, the installed `rnngen` command, small corpora written to disk."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SHARED = Path(os.environ.get("RNNGEN_SHARED", Path(__file__).resolve().parents[1].parent / "shared"))
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--runslow", action="store_true", help="also run tests marked slow")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--runslow"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --runslow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    cache = tmp_path_factory.getbasetemp() / "cache"
+    monkeypatch.setenv("RNNGEN_CACHE_DIR", str(cache))
+    return cache
+
+
+def rnngen_command() -> str:
+    """The installed console script (next to this Python), as a user would run it."""
+    script = Path(sys.executable).with_name("rnngen")
+    found = str(script) if script.exists() else shutil.which("rnngen")
+    if not found:
+        pytest.fail("the rnngen command is not installed; pip install the project first")
+    return found
+
+
+def run_cli(*args: str, cwd: Path | None = None, input: str | None = None, timeout: float = 300,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([rnngen_command(), *args], capture_output=True, text=True, cwd=cwd, input=input,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def pattern_text(repeats: int = 60) -> str:
+    """An order-dependent language: a^n b^n for n = 1..6, cycling. Fully determined by what came before."""
+    block = " ".join("a" * n + "b" * n for n in range(1, 7)) + "\n"
+    return block * repeats
+
+
+@pytest.fixture
+def pattern_corpus(tmp_path: Path) -> Path:
+    path = tmp_path / "pattern.txt"
+    path.write_text(pattern_text(), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def prose_corpus(tmp_path: Path) -> Path:
+    """About 60 kB of English prose from Python's help pages (always available offline)."""
+    from rnngen.corpora import builtin_text
+
+    path = tmp_path / "prose.txt"
+    path.write_text(builtin_text()[:60_000], encoding="utf-8")
+    return path
+
+
+TINY = ["--hidden", "32", "--emb-dim", "16", "--layers", "1", "--batch-size", "8", "--seq-len", "32",
+        "--warmup-steps", "5"]
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small trained run directory shared by read-only tests (trained once per session)."""
+    from rnngen.corpora import builtin_text
+
+    root = tmp_path_factory.mktemp("tiny")
+    corpus = root / "corpus.txt"
+    corpus.write_text(builtin_text()[:60_000], encoding="utf-8")
+    run = root / "run"
+    os.environ.setdefault("RNNGEN_CACHE_DIR", str(root / "cache"))
+    proc = run_cli("train", str(corpus), "--out", str(run), "--max-steps", "60", "--eval-every", "30", *TINY,
+                   "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    return run
