@@ -102,21 +102,21 @@ def main(debug: bool) -> None:
 @click.option("--resume", is_flag=True, help="Continue the run in --out exactly where it stopped.")
 @click.option("--arch", type=click.Choice(["lstm", "gru", "rnn"]), help="Recurrent cell [default: lstm].")
 @click.option("--layers", type=int, help="Recurrent layers [default: 2].")
-@click.option("--hidden", type=int, help="Hidden units per layer [default: 512].")
-@click.option("--emb-dim", type=int, help="Embedding size [default: 128].")
-@click.option("--dropout", type=float, help="Dropout between layers and before the output [default: 0.2].")
-@click.option("--emb-dropout", type=float, help="Dropout on embeddings [default: 0.1].")
+@click.option("--hidden", type=int, help="Hidden units per layer [default: 256].")
+@click.option("--emb-dim", type=int, help="Embedding size [default: 64].")
+@click.option("--dropout", type=float, help="Dropout between layers and before the output [default: 0.1].")
+@click.option("--emb-dropout", type=float, help="Dropout on embeddings [default: 0].")
 @click.option("--tie-weights", is_flag=True, default=None, help="Share embedding and output matrices.")
 @click.option("--tokenizer", type=click.Choice(["char", "bpe", "unigram"]), help="[default: char]")
 @click.option("--vocab-size", type=int, help="Subword vocabulary size for bpe/unigram [default: 2000].")
 @click.option("--min-char-count", type=int, help="Fold characters seen fewer times into <unk> [default: 1].")
-@click.option("--batch-size", "-b", type=int, help="Sequences per batch [default: 32].")
+@click.option("--batch-size", "-b", type=int, help="Sequences per batch [default: 64].")
 @click.option("--seq-len", type=int, help="Tokens per backpropagation window [default: 128].")
-@click.option("--lr", type=float, help="Peak learning rate [default: 0.003].")
-@click.option("--warmup-steps", type=int, help="Linear warm-up steps [default: 100].")
+@click.option("--lr", type=float, help="Peak learning rate [default: 0.002].")
+@click.option("--warmup-steps", type=int, help="Linear warm-up steps [default: 50].")
 @click.option("--weight-decay", type=float, help="AdamW weight decay [default: 0.01].")
 @click.option("--grad-clip", type=float, help="Gradient norm clip [default: 1.0].")
-@click.option("--max-steps", type=int, help="Stop after this many steps [default: 2000].")
+@click.option("--max-steps", type=int, help="Stop after this many steps [default: 1000].")
 @click.option("--max-time", type=float, help="Stop after this many seconds (the schedule fits it).")
 @click.option("--eval-every", type=int, help="Evaluate and checkpoint every N steps [default: 200].")
 @click.option("--eval-max-tokens", type=int, help="Cap on validation tokens per evaluation [default: all].")
@@ -125,6 +125,8 @@ def main(debug: bool) -> None:
 @click.option("--val-fraction", type=float, help="Share of the corpus (from the end) held out [default: 0.1].")
 @click.option("--seed", type=int, help="Random seed [default: 1337].")
 @click.option("--device", help="auto, cpu, cuda or mps [default: auto].")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]),
+              help="Compute precision; auto = bf16 on CUDA and on CPUs with native bf16 [default: auto].")
 @click.option("--encoding", default="utf-8", show_default=True, help="Text encoding of the corpus files.")
 @click.option("--errors", type=click.Choice(["strict", "replace", "ignore"]), default="strict", show_default=True,
               help="What to do with undecodable bytes.")
@@ -153,11 +155,6 @@ def train(corpus: tuple[str, ...], out: str | None, resume: bool, encoding: str,
     progress = console.TrainProgress(enabled=not (quiet or as_json))
     trainer = prepare_run(list(corpus), out, resume=resume, encoding=encoding, errors=errors,
                           callback=progress.update, stop=stop, **options)
-    if not (quiet or as_json):
-        what = trainer.meta.get("training", {}).get("corpus", "")
-        verb = f"resuming at step {trainer.pos.step}" if resume else "training"
-        console.note(f"{verb} on {what}: {trainer.model.num_parameters():,} parameters, "
-                     f"{len(trainer.split.tokens):,} tokens, device {trainer.device.type}, into {out}")
 
     def request_stop(signum: int, frame: Any) -> None:
         if stop.is_set():  # a second Ctrl-C: stop now
@@ -166,8 +163,15 @@ def train(corpus: tuple[str, ...], out: str | None, resume: bool, encoding: str,
 
     previous = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        with run_lock(trainer.run_dir), progress:
-            result = trainer.run()
+        with run_lock(trainer.run_dir):
+            if not (quiet or as_json):
+                what = trainer.meta.get("training", {}).get("corpus", "")
+                verb = f"resuming at step {trainer.pos.step}" if resume else "training"
+                console.note(f"{verb} on {what}: {trainer.model.num_parameters():,} parameters, "
+                             f"{len(trainer.split.tokens):,} tokens, device {trainer.device.type}, "
+                             f"{'bf16' if trainer.bf16 else 'fp32'}, into {out}")
+            with progress:
+                result = trainer.run()
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
@@ -228,7 +232,7 @@ def sample(checkpoint: str, prompt: str, length: int, temperature: tuple[float, 
     gen = Generator.load(checkpoint, device=str(resolve_device(device)))
     prompt = _unescape(prompt)
     unknown = gen.unknown_characters(prompt)
-    if unknown:
+    if 0 < unknown < len(prompt):  # all unknown is an error, raised when sampling starts
         console.warn(f"{unknown} character(s) of the prompt are not in the model's vocabulary; read as <unk>")
     temperatures = temperature or (0.8,)
     stops = tuple(_unescape(s) for s in stop)
@@ -358,3 +362,138 @@ def plot(checkpoint: str, output: str) -> None:
     except OSError as exc:
         raise InputError(f"cannot write {output}: {exc.strerror}") from None
     console.note(f"wrote {output}")
+
+
+# ----------------------------------------------------------------------------------------------- chat
+CHAT_EXAMPLES = (
+    "rnngen chat checkpoints/mine                           # type a line, the model continues it\n"
+    "rnngen chat checkpoints/shakespeare --user-prefix 'ROMEO:' --bot-prefix 'JULIET:' --stop '\\n\\n'\n"
+    "rnngen chat checkpoints/mine -t 0.5 --top-p 0.9 --length 200 --seed 1\n"
+    "printf 'It was\\n/temp 0.3\\nAnd then\\n' | rnngen chat checkpoints/mine   # scripted: plain text out")
+
+
+@main.command(epilog="Examples:\n\n\b\n" + CHAT_EXAMPLES)
+@click.argument("checkpoint", type=click.Path())
+@click.option("--length", "-n", type=click.IntRange(min=0), default=300, show_default=True,
+              help="Tokens per reply at most.")
+@click.option("--temperature", "-t", type=float, default=0.8, show_default=True, callback=_check_positive,
+              help="Sampling temperature.")
+@click.option("--top-k", type=click.IntRange(min=1), help="Sample only from the k most likely tokens.")
+@click.option("--top-p", type=float, callback=_check_top_p, help="Nucleus sampling: smallest set with this mass.")
+@click.option("--stop", multiple=True, help="End a reply at this string (repeatable; \\n allowed) [default: \\n\\n].")
+@click.option("--user-prefix", default="", help="Put before each of your lines, e.g. 'ROMEO:' (\\n allowed).")
+@click.option("--bot-prefix", default="", help="Put before each reply, e.g. 'JULIET:' (\\n allowed).")
+@click.option("--seed", type=int, help="Same seed and same lines, same conversation.")
+@click.option("--device", default="cpu", show_default=True)
+def chat(checkpoint: str, length: int, temperature: float, top_k: int | None, top_p: float | None,
+         stop: tuple[str, ...], user_prefix: str, bot_prefix: str, seed: int | None, device: str) -> None:
+    """Talk with a model from CHECKPOINT: each line you type joins the conversation and the model replies.
+
+    The recurrent state is carried from turn to turn, so a turn costs only its new tokens. With a bot
+    prefix each line is fed as "{user-prefix} {line}{stop}{bot-prefix}" (stop: the first --stop);
+    without one the model simply continues your line. Type /help inside for the slash commands
+    (/temp, /len, /stop, /undo, /reset, /save FILE, ...). Ctrl-C stops a reply, Ctrl-D leaves.
+    Input history is kept in $XDG_STATE_HOME/rnngen/chat_history. With piped input it reads lines
+    and writes each reply as plain text.
+    """
+    from .chat import DEFAULT_STOP, ChatSession, unescape
+    from .config import SampleConfig
+    from .generate import Generator
+    from .train import resolve_device
+
+    stops = tuple(unescape(s) for s in stop) if stop else DEFAULT_STOP
+    config = SampleConfig(temperature, top_k, top_p, False, length, stops, seed)
+    gen = Generator.load(checkpoint, device=str(resolve_device(device)))
+    session = ChatSession(gen, config, unescape(user_prefix), unescape(bot_prefix))
+    if sys.stdin.isatty() and sys.stdout.isatty():
+        _chat_terminal(session)
+    else:
+        _chat_piped(session)
+
+
+def _chat_piped(session: Any) -> None:
+    """Scripted use: one input per line (or a \"\"\" block), each reply written as plain text."""
+    from . import console
+    from .chat import MultiLine
+
+    joiner = MultiLine()
+    for raw in sys.stdin:
+        text = joiner.push(raw.rstrip("\r\n"))
+        if text is not None and not _chat_run(session, text, interactive=False):
+            return
+    if joiner.active:
+        console.warn('the input ended inside a """ block; that block was not sent')
+
+
+def _chat_terminal(session: Any) -> None:
+    """The interactive REPL: prompt_toolkit for editing and history, Ctrl-C stops a reply."""
+    from prompt_toolkit import PromptSession
+    from prompt_toolkit.history import FileHistory, History, InMemoryHistory
+    from prompt_toolkit.key_binding import KeyBindings
+
+    from . import console
+    from .chat import MultiLine, state_dir
+
+    history: History
+    try:
+        path = state_dir() / "chat_history"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch()
+        history = FileHistory(str(path))
+    except OSError as exc:
+        console.warn(f"input history will not be kept ({exc.strerror}: {exc.filename})")
+        history = InMemoryHistory()
+    bindings = KeyBindings()
+
+    @bindings.add("escape", "enter")
+    def _newline(event: Any) -> None:  # Esc then Enter (or Alt+Enter): a newline inside the input
+        event.current_buffer.insert_text("\n")
+
+    prompt = PromptSession(history=history, key_bindings=bindings)
+    label = (session.user_prefix.strip() or ">") + " "
+    joiner = MultiLine()
+    console.note(f"chatting with {session.gen.directory}: /help for commands, Ctrl-C stops a reply, Ctrl-D leaves")
+    while True:
+        try:
+            line = prompt.prompt("... " if joiner.active else label)
+        except KeyboardInterrupt:  # at the prompt: the line is dropped (and a """ block being typed)
+            if joiner.active:
+                joiner.cancel()
+                console.note("multi-line input dropped")
+            continue
+        except EOFError:
+            return
+        text = joiner.push(line)
+        if text is not None and not _chat_run(session, text, interactive=True):
+            return
+
+
+def _chat_run(session: Any, text: str, interactive: bool) -> bool:
+    """Render the events answering one input; False when the user asked to quit."""
+    from . import console
+    from .chat import Info, Notice, Problem, Quit, Reply, TurnEnd, TurnStart
+
+    events = session.handle(text)
+    try:
+        for event in events:
+            if isinstance(event, Quit):
+                return False
+            if isinstance(event, TurnStart) and interactive and session.bot_prefix:
+                console.stream(session.bot_prefix)
+            elif isinstance(event, Reply):
+                console.stream(event.text)
+            elif isinstance(event, TurnEnd):
+                console.stream("\n")
+            elif isinstance(event, Info):
+                click.echo(event.text)
+            elif isinstance(event, Notice):
+                console.note(event.text)
+            elif isinstance(event, Problem):
+                console.error(event.text)
+    except KeyboardInterrupt:
+        if not interactive:
+            raise
+        events.close()  # the reply ends at the last whole token; the state keeps what was generated
+        console.stream("\n")
+        console.note("(reply stopped; /undo forgets this turn)")
+    return True

@@ -121,7 +121,8 @@ class Corpus:
         return h.hexdigest()
 
     def describe(self) -> str:
-        return self.name or ", ".join(str(p) for p in self.paths)
+        """A short name for messages and checkpoints (file names only: no absolute paths are stored)."""
+        return self.name or ", ".join(p.name for p in self.paths)
 
 
 def builtin_text() -> str:
@@ -214,5 +215,5 @@ def resolve_corpus(sources: Sequence[str], encoding: str = "utf-8", errors: str 
             names.append(source)
         else:
             paths.append(check_readable_file(source, "corpus file"))
-            names.append(str(source))
+            names.append(Path(source).name)
     return Corpus(tuple(paths), encoding, errors, name=", ".join(names))

@@ -53,7 +53,8 @@ def test_train_sample_eval_info_plot(tmp_path: Path, prose_corpus: Path) -> None
     assert proc.returncode == 0, proc.stderr
     metrics = json.loads(proc.stdout)
     assert abs(metrics["bits_per_char"] * 0.693147 - metrics["nats_per_char"]) < 1e-3
-    assert metrics["tokens"] == len(prose_corpus.read_text()) - 1
+    # every token is scored but for fewer than 16 at the very end (the text is read in 16 parallel lanes)
+    assert len(prose_corpus.read_text()) - 16 <= metrics["tokens"] <= len(prose_corpus.read_text()) - 1
 
     proc = run_cli("info", str(run))
     assert proc.returncode == 0 and "lstm 1x32" in proc.stdout and "best validation" in proc.stdout

@@ -1,0 +1,388 @@
+"""Chat: a conversation with a language model whose recurrent state is carried from turn to turn.
+
+``ChatSession.handle(text)`` takes one input (a line of the conversation or a slash command) and yields
+events; the CLI renders them, tests read them. Nothing here prints or touches the terminal.
+
+A turn feeds only its new text, ``{user_prefix} {line}{sep}{bot_prefix}`` (see ``format_input``), in one
+recurrent call, then one step per generated token; the conversation is never re-read. Every generated
+token is fed, the stop string that ends a reply included, so the state is where the text is.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from .config import SampleConfig
+from .errors import InputError
+from .generate import Cursor, Generator, StopScanner, make_generator
+
+DEFAULT_STOP = ("\n\n",)
+
+
+# ---------------------------------------------------------------------------------------------- events
+@dataclass(frozen=True)
+class Reply:
+    """A piece of the model's reply, as it is generated (stop strings are not shown)."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class TurnStart:
+    """The user's text has been read; the reply follows."""
+
+
+@dataclass(frozen=True)
+class TurnEnd:
+    """The reply ended: ``reason`` is "stop" (a stop string), "length" (--length tokens) or "interrupted"."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class Info:
+    """Output a command asked for (/help, /settings, /history): may span several lines."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class Notice:
+    """A one-line acknowledgement or warning."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class Problem:
+    """A one-line complaint about a command or value; the session goes on unchanged."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class Quit:
+    """The user asked to leave."""
+
+
+Event = Reply | TurnStart | TurnEnd | Info | Notice | Problem | Quit
+
+
+@dataclass(frozen=True)
+class Turn:
+    """One exchange: what the user typed, what the model read for it, and what it wrote back."""
+
+    user: str
+    fed: str  # the text fed for the user's side: prefixes and separators included
+    reply: str  # the reply as shown (without the stop string)
+    generated: str  # everything the model generated and read, the stop string that ended it included
+    ended: str  # "stop", "length" or "interrupted"
+
+
+HELP = """\
+Type a line and the model continues the conversation. Commands:
+  /temp F        sampling temperature (> 0)          /top-k N | off   sample from the N likeliest
+  /top-p F | off nucleus sampling, F in (0, 1]       /len N           tokens per reply at most
+  /stop S        end replies at S (\\n, \\t allowed); /stop alone: no stop string, replies run to /len
+  /seed N        restart the random stream           /settings        show the settings
+  /undo          forget the last turn                /reset           start a fresh conversation
+  /history       the turns so far                    /save FILE       write the conversation to FILE
+  /label L       condition on a label (labelled models)
+  /classify [T]  classify T or the conversation (models with a classification head)
+  /help          this text                           /quit            leave (or Ctrl-D)
+A line starting with // sends the rest with one /, e.g. //x sends /x.
+Multi-line input: paste it, or type \"\"\" on a line of its own, the lines, then \"\"\" again."""
+
+
+def unescape(text: str) -> str:
+    """Let users type \\n and \\t in stop strings and prefixes."""
+    return text.replace("\\n", "\n").replace("\\t", "\t")
+
+
+def state_dir() -> Path:
+    """Where chat keeps its input history: $RNNGEN_STATE_DIR, else $XDG_STATE_HOME/rnngen, else
+    ~/.local/state/rnngen."""
+    if override := os.environ.get("RNNGEN_STATE_DIR"):
+        return Path(override)
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "rnngen"
+
+
+class MultiLine:
+    """Joins the lines typed between two lines of three double quotes into one input."""
+
+    MARK = '"""'
+
+    def __init__(self) -> None:
+        self.lines: list[str] | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.lines is not None
+
+    def push(self, line: str) -> str | None:
+        """The complete input once there is one, else None (still collecting)."""
+        if line.strip() == self.MARK:
+            if self.lines is None:
+                self.lines = []
+                return None
+            text, self.lines = "\n".join(self.lines), None
+            return text
+        if self.lines is not None:
+            self.lines.append(line)
+            return None
+        return line
+
+    def cancel(self) -> None:
+        self.lines = None
+
+
+# --------------------------------------------------------------------------------------------- session
+class ChatSession:
+    """A conversation with one model: the recurrent state, the settings, the turns and an undo stack."""
+
+    def __init__(self, generator: Generator, config: SampleConfig | None = None, user_prefix: str = "",
+                 bot_prefix: str = "") -> None:
+        self.gen = generator
+        self.config = config if config is not None else SampleConfig(length=300, stop=DEFAULT_STOP)
+        self.user_prefix, self.bot_prefix = user_prefix, bot_prefix
+        self.rng = make_generator(self.config.seed, generator.device)
+        self.turns: list[Turn] = []
+        # Before each turn: the cursor then and how many turns there were. Cursors are copied because
+        # continue_from advances a cursor in place; the tensors they hold are never modified in place
+        # (each step makes new ones), so keeping references is an exact snapshot.
+        self.undo_stack: list[tuple[Cursor, int]] = []
+        self.cursor = self.gen.start()  # as at the start of a paragraph, like `rnngen sample` with no prompt
+
+    # -- the conversation -------------------------------------------------------------------------
+    @property
+    def separator(self) -> str:
+        """What ends the user's side of a turn before the bot's prefix: the first stop string (the way
+        the bot's replies end), or a newline when there is none."""
+        return self.config.stop[0] if self.config.stop else "\n"
+
+    def format_input(self, line: str) -> str:
+        """The text fed for the user's ``line``.
+
+        ``{user_prefix} {line}`` (no space when the prefix ends in whitespace, e.g. "ROMEO:\\n"), then, when
+        there is a bot prefix, the separator and the bot prefix verbatim; with no bot prefix the model simply
+        continues the line. In dialogue mode a previous reply that did not end on a stop string (cut by
+        /len or Ctrl-C) is closed with the separator first.
+        """
+        text = line
+        if self.user_prefix:
+            space = "" if self.user_prefix[-1].isspace() else " "
+            text = f"{self.user_prefix}{space}{line}"
+        if self.bot_prefix:
+            text = f"{text}{self.separator}{self.bot_prefix}"
+            if self.turns and self.turns[-1].ended != "stop":
+                text = self.separator + text
+        return text
+
+    def context(self) -> str:
+        """The conversation as the model read it (after the initial paragraph start)."""
+        return "".join(t.fed + t.generated for t in self.turns)
+
+    def snapshot(self) -> Cursor:
+        """A copy of the current cursor (the recurrent state and the next-token logits)."""
+        return Cursor(self.cursor.state, self.cursor.logits)
+
+    def handle(self, text: str) -> Iterator[Event]:
+        """Events answering one input: a slash command, or a line of the conversation."""
+        if text.startswith("/") and not text.startswith("//") and "\n" not in text:
+            yield from self.command(text)
+        elif text.strip():
+            yield from self.turn(text[1:] if text.startswith("//") else text)
+
+    def turn(self, line: str) -> Iterator[Event]:
+        """Feed ``line`` (formatted) and stream the reply until a stop string, /len tokens or close()."""
+        fed = self.format_input(line)
+        ids = [int(i) for i in self.gen.tokenizer.encode(fed)]
+        unknown = self.gen.unknown_characters(fed)
+        if unknown:
+            yield Notice(f"{unknown} character(s) not in the model's vocabulary; read as <unk>")
+        before = self.snapshot()
+        cursor = self.gen.feed(ids, before.state) if ids else self.snapshot()
+        # Only now, with the new cursor in hand, change the session: an interrupt before this point
+        # leaves it as it was.
+        self.undo_stack.append((before, len(self.turns)))
+        self.cursor = cursor
+        shown: list[str] = []
+        generated: list[str] = []
+        ended = "interrupted"
+        last_good = self.snapshot()
+        # continue_from runs without stop strings and this scanner ends the reply instead: the cursor
+        # has then read exactly the tokens up to the end of the stop string, and we know why it ended.
+        scanner = StopScanner(self.config.stop)
+        pieces = self.gen.continue_from(self.cursor, replace(self.config, stop=()), self.rng)
+        try:
+            yield TurnStart()
+            for piece in pieces:
+                generated.append(piece)
+                last_good = self.snapshot()
+                out, stopped = scanner.push(piece)
+                if out:
+                    shown.append(out)
+                    yield Reply(out)
+                if stopped:
+                    ended = "stop"
+                    break
+            else:
+                ended = "length"
+                if rest := scanner.flush():
+                    shown.append(rest)
+                    yield Reply(rest)
+        except BaseException:
+            # Interrupted inside a generation step (e.g. Ctrl-C): the cursor may be half updated, so go
+            # back to the last whole token. GeneratorExit (close() at a yield) needs no repair, but the
+            # snapshot taken at that yield is the same cursor anyway.
+            self.cursor = last_good
+            raise
+        finally:
+            pieces.close()
+            self.turns.append(Turn(line, fed, "".join(shown), "".join(generated), ended))
+        yield TurnEnd(ended)
+
+    # -- commands ---------------------------------------------------------------------------------
+    def command(self, text: str) -> Iterator[Event]:
+        name, _, arg = text[1:].partition(" ")
+        handler = COMMANDS.get(name.lower())
+        if handler is None:
+            yield Problem(f"unknown command /{name}; /help lists the commands")
+            return
+        try:
+            yield from handler(self, arg)
+        except InputError as exc:  # a value SampleConfig (or a command) refused: nothing was changed
+            yield Problem(str(exc))
+
+    def _set(self, **changes: object) -> None:
+        self.config = replace(self.config, **changes)
+
+    def cmd_temp(self, arg: str) -> Iterator[Event]:
+        self._set(temperature=_number(arg, float, "/temp F, e.g. /temp 0.7"))
+        yield Notice(f"temperature {self.config.temperature:g}")
+
+    def cmd_top_k(self, arg: str) -> Iterator[Event]:
+        off = arg.strip().lower() in ("off", "none")
+        self._set(top_k=None if off else _number(arg, int, "/top-k N, or /top-k off"))
+        yield Notice(f"top-k {self.config.top_k or 'off'}")
+
+    def cmd_top_p(self, arg: str) -> Iterator[Event]:
+        off = arg.strip().lower() in ("off", "none")
+        self._set(top_p=None if off else _number(arg, float, "/top-p F with F in (0, 1], or /top-p off"))
+        yield Notice(f"top-p {'off' if self.config.top_p is None else f'{self.config.top_p:g}'}")
+
+    def cmd_len(self, arg: str) -> Iterator[Event]:
+        self._set(length=_number(arg, int, "/len N, e.g. /len 200"))
+        yield Notice(f"replies of at most {self.config.length} tokens")
+
+    def cmd_stop(self, arg: str) -> Iterator[Event]:
+        # Everything after "/stop " is the stop string, spaces included.
+        self._set(stop=(unescape(arg),) if arg else ())
+        yield Notice(f"stop at {arg!r}" if arg else "no stop string: replies run to /len")
+
+    def cmd_seed(self, arg: str) -> Iterator[Event]:
+        seed = _number(arg, int, "/seed N, e.g. /seed 7")
+        self._set(seed=seed)
+        self.rng = make_generator(seed, self.gen.device)
+        yield Notice(f"seed {seed}: the random stream starts again")
+
+    def cmd_label(self, arg: str) -> Iterator[Event]:
+        labels = self.gen.config.get("labels")
+        if not labels:
+            yield Problem("this model has no labels")
+        elif arg.strip() not in labels:
+            yield Problem(f"unknown label {arg.strip()!r}: use one of {', '.join(map(str, labels))}")
+        else:
+            yield Problem("label-conditioned generation is not supported by this version of rnngen")
+
+    def cmd_classify(self, arg: str) -> Iterator[Event]:
+        if not self.gen.config.get("heads"):
+            yield Problem("this model has no classification head")
+        else:
+            yield Problem("classification is not supported by this version of rnngen")
+
+    def cmd_reset(self, arg: str) -> Iterator[Event]:
+        self.cursor, self.turns, self.undo_stack = self.gen.start(), [], []
+        yield Notice("a fresh conversation (settings kept)")
+
+    def cmd_undo(self, arg: str) -> Iterator[Event]:
+        if not self.undo_stack:
+            yield Problem("nothing to undo")
+            return
+        cursor, count = self.undo_stack.pop()
+        self.cursor = Cursor(cursor.state, cursor.logits)
+        dropped = self.turns[count:]
+        del self.turns[count:]
+        yield Notice(f"forgot: {_preview(dropped[0].user) if dropped else '(nothing)'}")
+
+    def cmd_history(self, arg: str) -> Iterator[Event]:
+        if not self.turns:
+            yield Info("(no turns yet)")
+            return
+        lines = []
+        for i, t in enumerate(self.turns, 1):
+            mark = {"stop": "", "length": "  [cut at /len]", "interrupted": "  [interrupted]"}[t.ended]
+            lines.append(f"[{i}] > {t.user}")
+            lines.append("    " + t.reply.replace("\n", "\n    ") + mark)
+        yield Info("\n".join(lines))
+
+    def cmd_save(self, arg: str) -> Iterator[Event]:
+        if not arg.strip():
+            yield Problem("usage: /save FILE")
+            return
+        path = Path(arg.strip()).expanduser()
+        try:
+            path.write_text(self.context(), encoding="utf-8")
+        except OSError as exc:
+            yield Problem(f"cannot write {path}: {exc.strerror}")
+            return
+        yield Notice(f"wrote {len(self.turns)} turn(s) to {path}")
+
+    def cmd_settings(self, arg: str) -> Iterator[Event]:
+        c = self.config
+        rows = {
+            "temperature": f"{c.temperature:g}", "top-k": c.top_k or "off",
+            "top-p": "off" if c.top_p is None else f"{c.top_p:g}", "length": c.length,
+            "stop": ", ".join(repr(s) for s in c.stop) or "(none)", "seed": "random" if c.seed is None else c.seed,
+            "user prefix": repr(self.user_prefix), "bot prefix": repr(self.bot_prefix),
+            "turns": len(self.turns), "model": str(self.gen.directory), "device": self.gen.device.type,
+        }
+        yield Info("\n".join(f"{k:<12} {v}" for k, v in rows.items()))
+
+    def cmd_help(self, arg: str) -> Iterator[Event]:
+        yield Info(HELP)
+
+    def cmd_quit(self, arg: str) -> Iterator[Event]:
+        yield Quit()
+
+
+COMMANDS = {
+    "temp": ChatSession.cmd_temp, "temperature": ChatSession.cmd_temp, "top-k": ChatSession.cmd_top_k,
+    "top-p": ChatSession.cmd_top_p, "len": ChatSession.cmd_len, "length": ChatSession.cmd_len,
+    "stop": ChatSession.cmd_stop, "seed": ChatSession.cmd_seed, "label": ChatSession.cmd_label,
+    "classify": ChatSession.cmd_classify, "reset": ChatSession.cmd_reset, "undo": ChatSession.cmd_undo,
+    "history": ChatSession.cmd_history, "save": ChatSession.cmd_save, "settings": ChatSession.cmd_settings,
+    "help": ChatSession.cmd_help, "quit": ChatSession.cmd_quit, "exit": ChatSession.cmd_quit,
+}
+
+
+def _number(arg: str, kind: type[int] | type[float], usage: str) -> int | float:
+    value = arg.strip()
+    try:
+        return kind(value)
+    except ValueError:
+        what = "an integer" if kind is int else "a number"
+        raise InputError(f"{value!r} is not {what}; usage: {usage}" if value else f"usage: {usage}") from None
+
+
+def _preview(text: str, width: int = 60) -> str:
+    flat = text.replace("\n", " ")
+    return flat if len(flat) <= width else flat[: width - 1] + "…"
+
+
+__all__ = ["ChatSession", "MultiLine", "Event", "Reply", "TurnStart", "TurnEnd", "Info", "Notice", "Problem", "Quit",
+           "Turn", "state_dir", "unescape", "DEFAULT_STOP"]
