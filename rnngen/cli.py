@@ -39,11 +39,6 @@ def _check_top_p(ctx: click.Context, param: click.Parameter, value: float | None
     return value
 
 
-def _unescape(text: str) -> str:
-    """Let users type \\n and \\t in prompts and stop strings."""
-    return text.replace("\\n", "\n").replace("\\t", "\t")
-
-
 class RnngenGroup(click.Group):
     """Turns every error into one line on stderr and an exit status (no traceback unless --debug)."""
 
@@ -230,12 +225,14 @@ def sample(checkpoint: str, prompt: str, length: int, temperature: tuple[float, 
     from .train import resolve_device
 
     gen = Generator.load(checkpoint, device=str(resolve_device(device)))
-    prompt = _unescape(prompt)
+    from .chat import unescape
+
+    prompt = unescape(prompt)
     unknown = gen.unknown_characters(prompt)
     if 0 < unknown < len(prompt):  # all unknown is an error, raised when sampling starts
         console.warn(f"{unknown} character(s) of the prompt are not in the model's vocabulary; read as <unk>")
     temperatures = temperature or (0.8,)
-    stops = tuple(_unescape(s) for s in stop)
+    stops = tuple(unescape(s) for s in stop)
     configs = [SampleConfig(t, top_k, top_p, greedy, length, stops, seed) for t in temperatures]
     rng = make_generator(seed, gen.device)  # one stream of randomness across all samples
     many = len(configs) * num_samples > 1

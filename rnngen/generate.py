@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -170,7 +170,3 @@ class Generator:
         result = evaluate(self.model, tokens, self.tokenizer.char_lengths(), self.device)
         return {**result, "unknown_characters": self.unknown_characters(text)}
 
-
-def with_overrides(config: SampleConfig, **changes: Any) -> SampleConfig:
-    """A copy of ``config`` with ``changes`` applied (validated)."""
-    return replace(config, **changes)
