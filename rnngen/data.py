@@ -39,10 +39,14 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
 
 
-def tokenize_to_file(corpus: Corpus, tokenizer: Tokenizer, directory: Path | None = None) -> np.ndarray:
-    """Encode ``corpus`` into a cached token file and return it memory-mapped (read-only)."""
+def tokenize_to_file(corpus: Corpus, tokenizer: Tokenizer, directory: Path | None = None,
+                     fingerprint: str | None = None) -> np.ndarray:
+    """Encode ``corpus`` into a cached token file and return it memory-mapped (read-only).
+
+    ``fingerprint`` is ``corpus.fingerprint()`` when the caller already has it (it reads every byte).
+    """
     tok_hash = hashlib.sha256(json.dumps(tokenizer.to_dict(), sort_keys=True).encode()).hexdigest()
-    key = hashlib.sha256(f"{corpus.fingerprint()}|{tok_hash}".encode()).hexdigest()[:32]
+    key = hashlib.sha256(f"{fingerprint or corpus.fingerprint()}|{tok_hash}".encode()).hexdigest()[:32]
     directory = directory or cache_dir() / "tokens"
     path = directory / f"{key}.tokens"
     dtype = token_dtype(tokenizer.vocab_size)

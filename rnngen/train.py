@@ -26,7 +26,7 @@ from .checkpoint import (BEST, LAST, append_metrics, load_checkpoint, load_train
 from .config import ModelConfig, TrainConfig, from_dict, to_dict
 from .corpora import Corpus, resolve_corpus
 from .data import StreamBatches, TokenSplit, eval_windows, tokenize_to_file
-from .errors import InputError, TrainingError
+from .errors import CheckpointError, InputError, TrainingError
 from .model import RNNModel, State, detach_state
 from .tokenizers import Tokenizer, fit_tokenizer
 
@@ -376,7 +376,7 @@ def has_run(run_dir: Path) -> bool:
     try:
         resolve_checkpoint_dir(run_dir)
         return True
-    except Exception:
+    except CheckpointError:
         return False
 
 
@@ -402,14 +402,15 @@ def prepare_run(sources: list[str], out: str | Path, resume: bool = False, encod
     if vocab_size < 2 or min_char_count < 1:
         raise InputError("--vocab-size must be at least 2 and --min-char-count at least 1")
     tokenizer = fit_tokenizer(corpus.chunks(), kind, vocab_size, min_char_count)
-    tokens = tokenize_to_file(corpus, tokenizer)
+    fingerprint = corpus.fingerprint()  # hashing reads the whole corpus: once per run
+    tokens = tokenize_to_file(corpus, tokenizer, fingerprint=fingerprint)
     model_config = ModelConfig(vocab_size=tokenizer.vocab_size, **model_opts)
     split = TokenSplit.from_tokens(tokens, config.val_fraction)
     torch.manual_seed(config.seed)
     model = RNNModel(model_config)
     meta = {"training": {"corpus": corpus.describe(), "tokens": len(tokens)},
             "resume": {"corpus": {"paths": [str(p.resolve()) for p in corpus.paths], "encoding": encoding,
-                                  "errors": errors, "fingerprint": corpus.fingerprint()}}}
+                                  "errors": errors, "fingerprint": fingerprint}}}
     return Trainer(model, tokenizer, split, config, run_dir, meta, device, callback, stop)
 
 
@@ -426,27 +427,21 @@ def _prepare_resume(sources: list[str], run_dir: Path, encoding: str, errors: st
     for p in corpus.paths:
         if not p.is_file():
             raise InputError(f"the corpus of this run is gone ({p}); pass it again: rnngen train FILE --resume")
-    if corpus.fingerprint() != saved["fingerprint"]:
+    fingerprint = corpus.fingerprint()
+    if fingerprint != saved["fingerprint"]:
         raise InputError("the corpus differs from the one this run was trained on; resume with the same "
                          "files, or start a new run with another --out")
     config = replace(from_dict(TrainConfig, state["train_config"]), **overrides)
     device = resolve_device(config.device)
     model, tokenizer, ckpt_config, _ = load_checkpoint(last, device)
-    split = TokenSplit.from_tokens(tokenize_to_file(corpus, tokenizer), config.val_fraction)
+    split = TokenSplit.from_tokens(tokenize_to_file(corpus, tokenizer, fingerprint=fingerprint),
+                                   config.val_fraction)
     meta = {"training": {k: v for k, v in ckpt_config.get("training", {}).items()
                          if k in ("corpus", "tokens")}, "resume": {"corpus": saved}}
     trainer = Trainer(model, tokenizer, split, config, run_dir, meta, device, callback, stop)
     trainer.restore(state, tensors)
-    best = run_dir / BEST
-    if (best / "config.json").is_file():
-        trainer.best_val = load_checkpoint_meta_val(best)
+    trainer.best_val = dict(ckpt_config.get("training", {}).get("best_val") or {})  # saved with last/
     return trainer
-
-
-def load_checkpoint_meta_val(directory: Path) -> dict[str, float]:
-    from .checkpoint import read_config
-
-    return dict(read_config(directory).get("training", {}).get("best_val") or {})
 
 
 def train_from_options(sources: list[str], out: str | Path, **options: Any) -> TrainResult:
