@@ -46,3 +46,12 @@ def save(name: str, record: dict[str, Any]) -> Path:
     path = OUT / f"{name}.json"
     path.write_text(json.dumps(record, indent=2) + "\n")
     return path
+
+
+def rnngen(*args: str, input: str | None = None) -> str:
+    """Run the installed `rnngen` command (beside this Python); its stdout, or exit with its error."""
+    command = [str(Path(sys.executable).with_name("rnngen")), *args]
+    proc = subprocess.run(command, capture_output=True, text=True, input=input)
+    if proc.returncode != 0:
+        sys.exit(f"`rnngen {' '.join(args[:2])}` failed ({proc.returncode}): {proc.stderr.strip()[-1000:]}")
+    return proc.stdout

@@ -4,7 +4,9 @@ Both train for --seconds on the first 90% and are scored on the last 10% (nats/c
 own protocol (windows of 512 characters, fresh state each), so the numbers compare directly.
 
     python benchmarks/train_shakespeare.py --seconds 600          # the recorded benchmark
+    python benchmarks/train_shakespeare.py --seconds 300 --ref-seconds 600  # half the time: as good?
     python benchmarks/train_shakespeare.py --seconds 60 --no-ref  # a quick look at rnngen alone
+    python benchmarks/train_shakespeare.py --throughput --seconds 90  # chars/s at the reference's config
 """
 
 from __future__ import annotations
@@ -40,17 +42,44 @@ def ref_protocol_val_loss(run_dir: Path, text: str) -> float:
     return total / count
 
 
+REF_CONFIG = ["--layers", "2", "--hidden", "256", "--emb-dim", "64", "--batch-size", "64", "--seq-len", "128",
+              "--dropout", "0", "--emb-dropout", "0", "--precision", "fp32", "--lr", "2e-3"]
+
+
+def throughput(corpus: Path, ref_script: Path, seconds: float) -> None:
+    """Training chars/s of both at the reference's exact configuration, no evaluation inside the window."""
+    ref = json_lines([sys.executable, str(ref_script), str(corpus), "--seconds", str(seconds)])[-1]
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "rnngen", "train", str(corpus), "--out", str(Path(tmp) / "run"), "--max-time",
+               str(seconds), "--max-steps", "1000000", "--eval-every", "1000000", "--eval-max-tokens", "4096",
+               "--json", *REF_CONFIG]
+        result = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
+    ours = result["steps"] * 64 * 128 / result["seconds"]
+    record = {"benchmark": "train_throughput", "seconds": seconds, "config": REF_CONFIG,
+              "reference_chars_per_s": ref["chars_per_s"], "rnngen_chars_per_s": round(ours),
+              "ratio": round(ours / ref["chars_per_s"], 3)}
+    print(json.dumps(record), flush=True)
+    print(f"saved {save('train_throughput', record)}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seconds", type=float, default=600)
+    p.add_argument("--ref-seconds", type=float, help="the reference's training time [default: --seconds]")
     p.add_argument("--no-ref", action="store_true", help="skip the reference")
+    p.add_argument("--throughput", action="store_true",
+                   help="training chars/s at the reference's exact configuration (2x256, batch 64 x 128, fp32, "
+                        "no dropout), no evaluation, both for --seconds")
     p.add_argument("rnngen_args", nargs="*", help="extra options for rnngen train (after --)")
     a = p.parse_args()
     corpus = shared_path("data", "tinyshakespeare.txt")
     ref_script = shared_path("bench", "ref_charlstm.py")
-    record: dict = {"seconds": a.seconds, "rnngen_args": a.rnngen_args}
+    if a.throughput:
+        return throughput(corpus, ref_script, a.seconds)
+    ref_seconds = a.ref_seconds or a.seconds
+    record: dict = {"seconds": a.seconds, "ref_seconds": ref_seconds, "rnngen_args": a.rnngen_args}
     if not a.no_ref:
-        lines = json_lines([sys.executable, str(ref_script), str(corpus), "--seconds", str(a.seconds),
+        lines = json_lines([sys.executable, str(ref_script), str(corpus), "--seconds", str(ref_seconds),
                             "--eval-every", "150"])
         record["reference"] = {"val_loss": lines[-1]["val_loss"],
                                "best_val_loss": min(r.get("val", r.get("val_loss", 99)) for r in lines),
@@ -67,6 +96,8 @@ def main() -> None:
                             "parameters": result["parameters"]}
     if "reference" in record:
         record["improvement_nats"] = round(record["reference"]["best_val_loss"] - record["rnngen"]["val_loss"], 4)
+        record["time_ratio"] = round(a.seconds / ref_seconds, 3)
+        record["as_good_in_time_ratio"] = record["improvement_nats"] >= 0
     print(json.dumps(record), flush=True)
     print(f"saved {save('train_shakespeare', record)}")
 

@@ -291,19 +291,29 @@ class ChatSession:
         yield Notice(f"seed {seed}: the random stream starts again")
 
     def cmd_label(self, arg: str) -> Iterator[Event]:
-        labels = self.gen.config.get("labels")
+        labels = self.gen.labels
         if not labels:
-            yield Problem("this model has no labels")
+            yield Problem("this model has no labels (train one on labelled data: rnngen classify train)")
+        elif not arg.strip():
+            yield Info(f"labels: {', '.join(labels)}")
         elif arg.strip() not in labels:
-            yield Problem(f"unknown label {arg.strip()!r}: use one of {', '.join(map(str, labels))}")
+            yield Problem(f"unknown label {arg.strip()!r}: use one of {', '.join(labels)}")
         else:
-            yield Problem("label-conditioned generation is not supported by this version of rnngen")
+            # A label token begins a labelled example, so the conversation starts again from it.
+            self.cursor, self.turns, self.undo_stack = self.gen.start(label=arg.strip()), [], []
+            yield Notice(f"a fresh conversation for label {arg.strip()!r}")
 
     def cmd_classify(self, arg: str) -> Iterator[Event]:
-        if not self.gen.config.get("heads"):
-            yield Problem("this model has no classification head")
-        else:
-            yield Problem("classification is not supported by this version of rnngen")
+        if not self.gen.classes:
+            yield Problem("this model has no classification head (add one: rnngen classify train DATA --from CKPT)")
+            return
+        text = unescape(arg.strip()) or self.context()
+        if not text.strip():
+            yield Problem("nothing to classify: /classify TEXT, or after a turn for the conversation so far")
+            return
+        result = self.gen.classify([text], top=3)[0]
+        ranked = ", ".join(f"{t['label']} {t['probability']:.2f}" for t in result["top"])
+        yield Info(f"{result['label']}  ({ranked})")
 
     def cmd_reset(self, arg: str) -> Iterator[Event]:
         self.cursor, self.turns, self.undo_stack = self.gen.start(), [], []

@@ -91,6 +91,8 @@ def save_checkpoint(directory: Path, model: RNNModel, tokenizer: Tokenizer, meta
 
     config = {"format": FORMAT, "format_version": FORMAT_VERSION, "rnngen_version": __version__,
               "model": to_dict(model.config), **meta}
+    if len(model.heads):
+        config["heads"] = {name: head.spec() for name, head in model.heads.items()}
     weights = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
 
     def write(tmp: Path) -> None:
@@ -169,9 +171,9 @@ def load_checkpoint(path: str | os.PathLike[str],
         raise CheckpointError(f"{directory / CONFIG} has an invalid model section ({exc}); "
                               "the checkpoint is damaged") from None
     tokenizer = tokenizer_from_dict(_read_json(directory / TOKENIZER, "tokenizer"))
-    if tokenizer.vocab_size != model_config.vocab_size:
+    if tokenizer.vocab_size != model_config.text_vocab_size:
         raise CheckpointError(f"{directory}: the tokenizer has {tokenizer.vocab_size} symbols but the model "
-                              f"expects {model_config.vocab_size}; the checkpoint is damaged")
+                              f"expects {model_config.text_vocab_size}; the checkpoint is damaged")
     model = RNNModel(model_config)
     attach_heads(model, config)
     weights = _read_tensors(directory / WEIGHTS, "weights")

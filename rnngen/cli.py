@@ -7,7 +7,7 @@ import math
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 
@@ -21,7 +21,8 @@ EXAMPLES = {
              "rnngen train --resume --out checkpoints/mine             # continue exactly where it stopped",
     "sample": "rnngen sample checkpoints/mine --prompt 'ROMEO:' --length 300\n"
               "rnngen sample checkpoints/mine -t 0.5 -t 1.0 --seed 7   # one sample per temperature\n"
-              "rnngen sample checkpoints/mine --top-p 0.9 --stop '\\n\\n' > out.txt",
+              "rnngen sample checkpoints/mine --top-p 0.9 --stop '\\n\\n' > out.txt\n"
+              "rnngen sample checkpoints/mine --num-samples 16 --length 200 --json   # 16 at once",
 }
 
 
@@ -54,7 +55,7 @@ class RnngenGroup(click.Group):
         except click.UsageError as exc:
             hint = f" (see: {exc.ctx.command_path} --help)" if exc.ctx else ""
             _error(f"{exc.format_message()}{hint}")
-            sys.exit(2)
+            _exit_after_error(2)
         except KeyboardInterrupt:
             _error("interrupted")
             sys.exit(130)
@@ -68,19 +69,37 @@ class RnngenGroup(click.Group):
                 raise
             if isinstance(exc, RnngenError):
                 _error(str(exc))
-                sys.exit(exc.exit_code)
+                _exit_after_error(exc.exit_code)
             if isinstance(exc, MemoryError):
                 _error("out of memory; use a smaller --batch-size, --hidden or --seq-len")
                 sys.exit(1)
             _error(f"unexpected {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
-                   "(rerun with --debug for the traceback, and please report it)")
+                   "(rerun with --debug for the traceback, and please report it)", every_rank=True)
             sys.exit(1)
 
 
-def _error(message: str) -> None:
+def _rank() -> int:
+    """This process's rank under torchrun, else 0 (read here: distributed.py would import torch)."""
+    torchrun = all(name in os.environ for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+    return int(os.environ["RANK"]) if torchrun else 0
+
+
+def _error(message: str, every_rank: bool = False) -> None:
     from .console import error
 
-    error(message)
+    # Under torchrun every process gets here. Errors are agreed between the ranks (distributed.py),
+    # so rank 0 reports them; one that a single rank ran into is also reported by that rank.
+    if _rank() == 0:
+        error(message)
+    elif every_rank:
+        error(f"rank {_rank()}: {message}")
+
+
+def _exit_after_error(code: int) -> NoReturn:
+    # Under torchrun, rank 0 reports an (agreed) error and gives torchrun the exit status. The other
+    # ranks leave with 0: a rank that fails makes torchrun kill the others at once, rank 0 perhaps
+    # before it has said what went wrong.
+    sys.exit(code if _rank() == 0 else 0)
 
 
 @click.group(cls=RnngenGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -90,21 +109,31 @@ def main(debug: bool) -> None:
     """Train recurrent language models on your own text, then generate from them."""
 
 
+def model_options(command: Any) -> Any:
+    """The options that shape a new model and its tokenizer (shared by `train` and `classify train`)."""
+    for option in reversed([
+        click.option("--arch", type=click.Choice(["lstm", "gru", "rnn"]), help="Recurrent cell [default: lstm]."),
+        click.option("--layers", type=int, help="Recurrent layers [default: 2]."),
+        click.option("--hidden", type=int, help="Hidden units per layer [default: 256]."),
+        click.option("--emb-dim", type=int, help="Embedding size [default: 64]."),
+        click.option("--dropout", type=float, help="Dropout between layers and before the output [default: 0.1]."),
+        click.option("--emb-dropout", type=float, help="Dropout on embeddings [default: 0]."),
+        click.option("--tie-weights", is_flag=True, default=None, help="Share embedding and output matrices."),
+        click.option("--tokenizer", type=click.Choice(["char", "bpe", "unigram"]), help="[default: char]"),
+        click.option("--vocab-size", type=int, help="Subword vocabulary size for bpe/unigram [default: 2000]."),
+        click.option("--min-char-count", type=int,
+                     help="Fold characters seen fewer times into <unk> [default: 1]."),
+    ]):
+        command = option(command)
+    return command
+
+
 # ---------------------------------------------------------------------------------------------- train
 @main.command(epilog="Examples:\n\n\b\n" + EXAMPLES["train"])
 @click.argument("corpus", nargs=-1)
 @click.option("--out", "-o", type=click.Path(file_okay=False), help="Run directory [default: checkpoints/NAME].")
 @click.option("--resume", is_flag=True, help="Continue the run in --out exactly where it stopped.")
-@click.option("--arch", type=click.Choice(["lstm", "gru", "rnn"]), help="Recurrent cell [default: lstm].")
-@click.option("--layers", type=int, help="Recurrent layers [default: 2].")
-@click.option("--hidden", type=int, help="Hidden units per layer [default: 256].")
-@click.option("--emb-dim", type=int, help="Embedding size [default: 64].")
-@click.option("--dropout", type=float, help="Dropout between layers and before the output [default: 0.1].")
-@click.option("--emb-dropout", type=float, help="Dropout on embeddings [default: 0].")
-@click.option("--tie-weights", is_flag=True, default=None, help="Share embedding and output matrices.")
-@click.option("--tokenizer", type=click.Choice(["char", "bpe", "unigram"]), help="[default: char]")
-@click.option("--vocab-size", type=int, help="Subword vocabulary size for bpe/unigram [default: 2000].")
-@click.option("--min-char-count", type=int, help="Fold characters seen fewer times into <unk> [default: 1].")
+@model_options
 @click.option("--batch-size", "-b", type=int, help="Sequences per batch [default: 64].")
 @click.option("--seq-len", type=int, help="Tokens per backpropagation window [default: 128].")
 @click.option("--lr", type=float, help="Peak learning rate [default: 0.002].")
@@ -135,11 +164,10 @@ def train(corpus: tuple[str, ...], out: str | None, resume: bool, encoding: str,
     Writes best/ and last/ checkpoints and metrics.jsonl into --out. Ctrl-C stops after saving;
     --resume continues where it stopped.
     """
-    import signal
     import threading
 
     from . import console
-    from .checkpoint import run_lock
+    from .distributed import session
     from .train import prepare_run
 
     if resume and not out:
@@ -147,34 +175,26 @@ def train(corpus: tuple[str, ...], out: str | None, resume: bool, encoding: str,
     out = out or _default_out(corpus)
     options = {k: v for k, v in options.items() if v is not None}
     stop = threading.Event()
-    progress = console.TrainProgress(enabled=not (quiet or as_json))
-    trainer = prepare_run(list(corpus), out, resume=resume, encoding=encoding, errors=errors,
-                          callback=progress.update, stop=stop, **options)
-
-    def request_stop(signum: int, frame: Any) -> None:
-        if stop.is_set():  # a second Ctrl-C: stop now
-            raise KeyboardInterrupt
-        stop.set()
-
-    previous = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        with run_lock(trainer.run_dir):
-            if not (quiet or as_json):
-                what = trainer.meta.get("training", {}).get("corpus", "")
-                verb = f"resuming at step {trainer.pos.step}" if resume else "training"
-                console.note(f"{verb} on {what}: {trainer.model.num_parameters():,} parameters, "
-                             f"{len(trainer.split.tokens):,} tokens, device {trainer.device.type}, "
-                             f"{'bf16' if trainer.bf16 else 'fp32'}, into {out}")
-            with progress:
-                result = trainer.run()
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+    with session() as dist:  # several processes under torchrun: only rank 0 shows anything
+        quiet = quiet or not dist.is_main
+        progress = console.TrainProgress(enabled=not (quiet or as_json))
+        trainer = prepare_run(list(corpus), out, resume=resume, encoding=encoding, errors=errors,
+                              callback=progress.update if dist.is_main else None, stop=stop, dist=dist, **options)
+        what = trainer.meta.get("training", {}).get("corpus", "")
+        processes = f" x {dist.world_size} processes" if dist.enabled else ""
+        headline = (f"{'resuming at step ' + str(trainer.pos.step) if resume else 'training'} on {what}: "
+                    f"{trainer.model.num_parameters():,} parameters, {len(trainer.split.tokens):,} tokens, "
+                    f"device {trainer.device.type}{processes}, {'bf16' if trainer.bf16 else 'fp32'}, into {out}")
+        result = _run_trainer(trainer, progress, stop, None if quiet or as_json else headline, dist)
+    if not dist.is_main:
+        return
     if as_json:
         click.echo(json.dumps(result.to_dict()))
         return
     if result.stopped == "interrupted":
-        console.note(f"stopped at step {result.steps}, saved; continue with: rnngen train --resume --out {out}")
+        launcher = "torchrun [the same options] -m " if dist.enabled else ""
+        console.note(f"stopped at step {result.steps}, saved; continue with: "
+                     f"{launcher}rnngen train --resume --out {out}")
         return
     best = result.best_val
     if not quiet:
@@ -189,10 +209,42 @@ def train(corpus: tuple[str, ...], out: str | None, resume: bool, encoding: str,
         console.stream("\n")
 
 
-def _default_out(corpus: tuple[str, ...]) -> str:
+def _run_trainer(trainer: Any, progress: Any, stop: Any, headline: str | None, dist: Any = None) -> Any:
+    """Run a trainer under its run lock, with the progress bar; Ctrl-C or SIGTERM stop it after saving."""
+    import signal
+    import time
+
+    from . import console
+    from .checkpoint import run_lock
+    from .distributed import Dist
+
+    dist = dist or Dist()
+    first_signal: list[float] = []
+
+    def request_stop(signum: int, frame: Any) -> None:
+        # Under torchrun a Ctrl-C reaches each process twice, from the terminal and from torchrun:
+        # there a second signal counts only when it comes more than a second after the first.
+        if stop.is_set() and not (dist.enabled and time.monotonic() - first_signal[0] < 1.0):
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now
+        first_signal.append(time.monotonic())
+        stop.set()
+
+    previous = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with dist.on_main(run_lock(trainer.run_dir)):
+            if headline:
+                console.note(headline)
+            with progress:
+                return trainer.run()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _default_out(corpus: tuple[str, ...], suffix: str = "") -> str:
     """checkpoints/NAME, or NAME-2, NAME-3... if taken."""
     name = Path(corpus[0]).stem if corpus else "builtin"
-    base = Path("checkpoints") / (name or "run")
+    base = Path("checkpoints") / ((name or "run") + suffix)
     candidate, n = base, 1
     while candidate.exists() and any(candidate.iterdir()):
         n += 1
@@ -211,14 +263,23 @@ def _default_out(corpus: tuple[str, ...]) -> str:
 @click.option("--top-k", type=click.IntRange(min=1), help="Sample only from the k most likely tokens.")
 @click.option("--top-p", type=float, callback=_check_top_p, help="Nucleus sampling: smallest set with this mass.")
 @click.option("--greedy", is_flag=True, help="Always take the most likely token.")
-@click.option("--num-samples", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--num-samples", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Samples per temperature, generated together as one batch.")
 @click.option("--stop", multiple=True, help="End a sample at this string (repeatable; \\n allowed).")
 @click.option("--seed", type=int, help="Same seed, same text.")
+@click.option("--label", help="Generate for this label (models trained on labelled data; ends at a newline "
+                              "unless --stop says otherwise).")
 @click.option("--device", default="cpu", show_default=True)
+@click.option("--json", "as_json", is_flag=True,
+              help='Print the samples as one JSON list of {"temperature", "text"} (the text starts with the prompt).')
 def sample(checkpoint: str, prompt: str, length: int, temperature: tuple[float, ...], top_k: int | None,
            top_p: float | None, greedy: bool, num_samples: int, stop: tuple[str, ...], seed: int | None,
-           device: str) -> None:
-    """Generate text from a trained CHECKPOINT, streaming it to stdout."""
+           label: str | None, device: str, as_json: bool) -> None:
+    """Generate text from a trained CHECKPOINT, streaming it to stdout.
+
+    Several samples (--num-samples, or several -t) are printed one after another, a blank line apart,
+    each under a header on stderr.
+    """
     from . import console
     from .config import SampleConfig
     from .generate import Generator, make_generator
@@ -232,18 +293,31 @@ def sample(checkpoint: str, prompt: str, length: int, temperature: tuple[float, 
     if 0 < unknown < len(prompt):  # all unknown is an error, raised when sampling starts
         console.warn(f"{unknown} character(s) of the prompt are not in the model's vocabulary; read as <unk>")
     temperatures = temperature or (0.8,)
-    stops = tuple(unescape(s) for s in stop)
+    from .generate import LABELLED_END
+
+    stops = tuple(unescape(s) for s in stop) or (LABELLED_END if label is not None else ())
     configs = [SampleConfig(t, top_k, top_p, greedy, length, stops, seed) for t in temperatures]
     rng = make_generator(seed, gen.device)  # one stream of randomness across all samples
-    many = len(configs) * num_samples > 1
+    if as_json:
+        click.echo(json.dumps([{"temperature": c.temperature, "text": prompt + text} for c in configs
+                               for text in gen.continue_many(gen.start(prompt, label), num_samples, c, rng)]))
+        return
+    many, shown = len(configs) * num_samples > 1, 0
     for config in configs:
-        for i in range(num_samples):
+        # One sample streams as it is generated; several are generated together, as one batch.
+        samples = ([gen.continue_from(gen.start(prompt, label), config, rng)] if num_samples == 1 else
+                   [[text] for text in gen.continue_many(gen.start(prompt, label), num_samples, config, rng)])
+        for i, pieces in enumerate(samples):
             if many:
-                console.note(f"--- temperature {config.temperature:g}, sample {i + 1}/{num_samples}")
+                if shown:
+                    console.stream("\n")
+                console.stderr.rule(f"temperature {config.temperature:g}, sample {i + 1}/{num_samples}",
+                                    characters="-", style="dim")
             console.stream(prompt)
-            for piece in gen.continue_from(gen.start(prompt), config, rng):
+            for piece in pieces:
                 console.stream(piece)
             console.stream("\n")
+            shown += 1
 
 
 # ----------------------------------------------------------------------------------------------- eval
@@ -494,3 +568,213 @@ def _chat_run(session: Any, text: str, interactive: bool) -> bool:
         console.stream("\n")
         console.note("(reply stopped; /undo forgets this turn)")
     return True
+
+
+# ------------------------------------------------------------------------------------------- classify
+CLASSIFY_EXAMPLES = (
+    "rnngen classify train names/ --out checkpoints/names-cls            # a folder of <class>.txt files\n"
+    "rnngen classify train news.csv --text-column title,description --from checkpoints/news-lm\n"
+    "rnngen classify train test.csv --no-header --text-column 2,3 --label-column 1 --balance\n"
+    "rnngen classify predict checkpoints/names-cls Nakamura Schmidt --top 3\n"
+    "cat names.txt | rnngen classify predict checkpoints/names-cls - --json\n"
+    "rnngen classify eval checkpoints/names-cls held_out.csv\n"
+    "rnngen sample checkpoints/names-cls --label Russian --num-samples 5   # it still generates")
+
+
+def data_options(command: Any) -> Any:
+    """How labelled data is read (shared by `classify train` and `classify eval`)."""
+    for option in reversed([
+        click.option("--text-column", default="text", show_default=True,
+                     help="Text column(s) or JSONL key(s), comma-separated (joined with a space); "
+                          "numbers (from 1) without a header."),
+        click.option("--label-column", default="label", show_default=True, help="Label column or JSONL key."),
+        click.option("--no-header", is_flag=True, help="CSV/TSV without a header row: columns by number."),
+        click.option("--format", "fmt", type=click.Choice(["csv", "tsv", "jsonl", "class-files", "class-folders"]),
+                     help="Data format [default: from the path]."),
+        click.option("--encoding", default="utf-8", show_default=True),
+        click.option("--skip-bad-rows", is_flag=True, help="Skip (and count) bad rows instead of stopping."),
+    ]):
+        command = option(command)
+    return command
+
+
+def _read_options(text_column: str, label_column: str, no_header: bool, fmt: str | None, encoding: str,
+                  skip_bad_rows: bool) -> dict[str, Any]:
+    from .labelled import parse_columns
+
+    label = parse_columns(label_column)
+    if len(label) != 1:
+        raise click.BadParameter("give one label column", param_hint="--label-column")
+    return {"text_columns": parse_columns(text_column), "label_column": label[0], "header": not no_header,
+            "fmt": fmt, "encoding": encoding, "skip_bad_rows": skip_bad_rows}
+
+
+@main.group(epilog="Examples:\n\n\b\n" + CLASSIFY_EXAMPLES)
+def classify() -> None:
+    """Classify texts with the encoder a language model shares (train, predict, eval)."""
+
+
+@classify.command(name="train")
+@click.argument("data", nargs=-1)
+@click.option("--from", "base", type=click.Path(), help="Fine-tune the encoder of this language-model checkpoint.")
+@click.option("--out", "-o", type=click.Path(file_okay=False), help="Run directory [default: checkpoints/NAME-cls].")
+@click.option("--resume", is_flag=True, help="Continue the run in --out exactly where it stopped.")
+@data_options
+@model_options
+@click.option("--bidirectional", is_flag=True, help="A bidirectional encoder (classifies, cannot generate).")
+@click.option("--batch-size", "-b", type=int, help="Texts per batch [default: 32].")
+@click.option("--lr", type=float, help="Peak learning rate of the top layers [default: 0.002].")
+@click.option("--lr-decay", type=float, help="Fine-tuning: each lower layer group learns this much slower "
+                                             "[default: 2.6].")
+@click.option("--unfreeze-every", type=int, help="Fine-tuning: unfreeze one more layer group every N steps "
+                                                 "[default: one epoch].")
+@click.option("--warmup-steps", type=int, help="Linear warm-up steps [default: 50].")
+@click.option("--weight-decay", type=float, help="AdamW weight decay [default: 0.01].")
+@click.option("--grad-clip", type=float, help="Gradient norm clip [default: 1.0].")
+@click.option("--max-epochs", type=int, help="Passes over the training texts [default: 10].")
+@click.option("--max-steps", type=int, help="Stop after this many steps (instead of --max-epochs).")
+@click.option("--max-time", type=float, help="Stop after this many seconds (the schedule fits it).")
+@click.option("--eval-every", type=int, help="Evaluate and checkpoint every N steps [default: every epoch].")
+@click.option("--patience", type=int, help="Stop after N evaluations without better accuracy [default: 3].")
+@click.option("--max-len", type=int, help="Tokens of each text read (its beginning) [default: 256].")
+@click.option("--val-fraction", type=float, help="Share of each class held out [default: 0.2].")
+@click.option("--balance", is_flag=True, default=None, help="Weight classes by inverse frequency.")
+@click.option("--lm-weight", type=float, help="Weight of the auxiliary language-model loss on the texts, which "
+                                              "keeps the model generating (0 = off) [default: 0.5].")
+@click.option("--head-dropout", type=float, help="Dropout before the classifier [default: 0.2].")
+@click.option("--seed", type=int, help="Random seed (also fixes the split) [default: 1337].")
+@click.option("--device", help="auto, cpu, cuda or mps [default: auto].")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), help="[default: auto]")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@click.option("--json", "as_json", is_flag=True, help="Print the final metrics as one JSON object on stdout.")
+def classify_train(data: tuple[str, ...], base: str | None, out: str | None, resume: bool, text_column: str,
+                   label_column: str, no_header: bool, fmt: str | None, encoding: str, skip_bad_rows: bool,
+                   arch: str | None, layers: int | None, hidden: int | None, emb_dim: int | None,
+                   dropout: float | None, emb_dropout: float | None, tie_weights: bool | None,
+                   tokenizer: str | None, vocab_size: int | None, min_char_count: int | None, bidirectional: bool,
+                   quiet: bool, as_json: bool, **options: Any) -> None:
+    """Train a classifier on labelled DATA: CSV/TSV, JSONL, or a folder of class files or class folders.
+
+    From scratch, or with --from fine-tuning a trained language model (its tokenizer is kept; lower
+    layers learn slower and are unfrozen gradually). An auxiliary language-model loss, each text read
+    after its label's token, keeps the checkpoint generating: `rnngen sample CKPT --label NAME`.
+    The split is stratified and de-duplicated; the best validation accuracy is kept in best/.
+    """
+    import threading
+
+    from . import console
+    from .classify import prepare_classifier
+
+    if resume and not out:
+        raise click.UsageError("--resume needs --out DIR, the run to continue")
+    if not data and not resume:
+        raise click.UsageError("give the labelled data: a CSV/TSV/JSONL file or a folder")
+    out = out or _default_out(data, suffix="-cls")
+    stop = threading.Event()
+    progress = console.TrainProgress(enabled=not (quiet or as_json))
+    trainer = prepare_classifier(
+        list(data), out, base=base, resume=resume, bidirectional=bidirectional,
+        model_options={"arch": arch, "layers": layers, "hidden": hidden, "emb_dim": emb_dim, "dropout": dropout,
+                       "emb_dropout": emb_dropout, "tie_weights": tie_weights},
+        tokenizer_options={"tokenizer": tokenizer, "vocab_size": vocab_size, "min_char_count": min_char_count},
+        read_options=_read_options(text_column, label_column, no_header, fmt, encoding, skip_bad_rows),
+        callback=progress.update, stop=stop, **options)
+    t = trainer.meta["training"]
+    if not (quiet or as_json):
+        if t.get("skipped"):
+            console.warn(f"{sum(t['skipped'].values())} bad row(s) skipped: "
+                         + ", ".join(f"{n} {why}" for why, n in t["skipped"].items()))
+        if t.get("unknown_characters") and base:
+            console.warn(f"{t['unknown_characters']} character(s) of the data are not in {base}'s vocabulary; "
+                         "read as <unk>")
+    classes = trainer.model.classifier.classes
+    headline = (f"{'resuming at step ' + str(trainer.pos.step) if resume else 'training'} a classifier on "
+                f"{t.get('data')}: {len(classes)} classes, {len(trainer.train):,} training / {len(trainer.val):,} "
+                f"validation texts ({t.get('duplicates_removed', 0):,} duplicates removed), "
+                f"{'fine-tuning ' + str(base) if base else 'from scratch'}, {trainer.model.num_parameters():,} "
+                f"parameters, device {trainer.device.type}, into {out}")
+    result = _run_trainer(trainer, progress, stop, None if quiet or as_json else headline)
+    if as_json:
+        click.echo(json.dumps(result.to_dict()))
+        return
+    if result.stopped == "interrupted":
+        console.note(f"stopped at step {result.steps}, saved; continue with: rnngen classify train --resume "
+                     f"--out {out}")
+        return
+    best = result.best_val
+    if not quiet:
+        console.note(f"done ({result.stopped.replace('_', ' ')}) after {result.steps} steps, {result.elapsed:.0f} s; "
+                     f"best validation accuracy {best.get('accuracy', float('nan')):.4f}, macro-F1 "
+                     f"{best.get('macro_f1', float('nan')):.4f}; saved in {out}")
+
+
+def _input_texts(texts: tuple[str, ...], file: str | None, encoding: str) -> list[str]:
+    """TEXT arguments, lines of --file, and lines of stdin for '-'."""
+    from .corpora import resolve_corpus
+
+    lines: list[str] = []
+    for text in texts:
+        lines += [line for line in sys.stdin.read().splitlines() if line.strip()] if text == "-" else [text]
+    if file:
+        source = sys.stdin.read() if file == "-" else resolve_corpus([file], encoding, "strict").read()
+        lines += [line for line in source.splitlines() if line.strip()]
+    if not lines:
+        raise click.UsageError("nothing to classify: give TEXT arguments, --file FILE, or - to read stdin")
+    return lines
+
+
+@classify.command(name="predict")
+@click.argument("checkpoint", type=click.Path())
+@click.argument("texts", nargs=-1)
+@click.option("--file", "-f", type=click.Path(), help="Classify each non-empty line of this file ('-': stdin).")
+@click.option("--top", type=click.IntRange(min=1), default=1, show_default=True, help="Classes shown per text.")
+@click.option("--encoding", default="utf-8", show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+def classify_predict(checkpoint: str, texts: tuple[str, ...], file: str | None, top: int, encoding: str,
+                     device: str, as_json: bool) -> None:
+    """Label each TEXT (or each line of --file, or of stdin with '-'): one line per input.
+
+    Each line: the label, its probability, further classes with --top, then the text.
+    """
+    from .generate import Generator
+    from .train import resolve_device
+
+    gen = Generator.load(checkpoint, device=str(resolve_device(device)))
+    inputs = _input_texts(texts, file, encoding)
+    for text, result in zip(inputs, gen.classify(inputs, top=top)):
+        if as_json:
+            click.echo(json.dumps({"text": text, **result}, ensure_ascii=False))
+        else:
+            ranked = "\t".join(f"{r['label']}\t{r['probability']:.3f}" for r in result["top"])
+            click.echo(f"{ranked}\t{text}")
+
+
+@classify.command(name="eval")
+@click.argument("checkpoint", type=click.Path())
+@click.argument("data", nargs=-1, required=True)
+@data_options
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
+def classify_eval(checkpoint: str, data: tuple[str, ...], text_column: str, label_column: str, no_header: bool,
+                  fmt: str | None, encoding: str, skip_bad_rows: bool, device: str, as_json: bool) -> None:
+    """Accuracy, macro-F1, per-class precision/recall and the confusion matrix of CHECKPOINT on DATA."""
+    from . import console
+    from .classify import evaluate_classifier
+    from .generate import Generator
+    from .labelled import read_labelled
+    from .train import resolve_device
+
+    gen = Generator.load(checkpoint, device=str(resolve_device(device)))
+    labelled = read_labelled(list(data), min_classes=1, **{k: v for k, v in _read_options(
+        text_column, label_column, no_header, fmt, encoding, skip_bad_rows).items() if v is not None})
+    result = evaluate_classifier(gen.model, gen.tokenizer, gen.config, labelled, gen.device)
+    if as_json:
+        click.echo(json.dumps(result))
+        return
+    if labelled.skipped:
+        console.warn(labelled.skipped_summary())
+    console.stdout.print(f"[bold]{', '.join(data)}[/] under {gen.directory}")
+    console.stdout.print(console.key_value_table({"examples": result["examples"], "accuracy": result["accuracy"],
+                                                  "macro-F1": result["macro_f1"]}))
+    console.stdout.print(console.classification_tables(result))

@@ -42,6 +42,9 @@ class ModelConfig:
     emb_dropout: float = 0.0
     tie_weights: bool = False
     bidirectional: bool = False
+    # Label tokens (for label-conditioned generation) sit after the tokenizer's symbols: the last
+    # len(label_tokens) rows of the embedding and the LM head.
+    label_tokens: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         _require(self.arch in ARCHS, f"unknown architecture {self.arch!r}: use one of {', '.join(ARCHS)}")
@@ -54,6 +57,15 @@ class ModelConfig:
             _require(0.0 <= value < 1.0, f"--{name.replace('_', '-')} must be in [0, 1), got {value}")
         _require(not self.tie_weights or self.emb_dim == self.hidden,
                  "--tie-weights needs --emb-dim equal to --hidden")
+        object.__setattr__(self, "label_tokens", tuple(self.label_tokens))  # JSON gives a list
+
+    @property
+    def text_vocab_size(self) -> int:
+        """Symbols of the tokenizer (the vocabulary without label tokens)."""
+        return self.vocab_size - len(self.label_tokens)
+
+    def label_id(self, label: str) -> int:
+        return self.text_vocab_size + self.label_tokens.index(label)
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ import sys
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -14,11 +15,11 @@ stdout = Console(highlight=False)
 
 
 def error(message: str) -> None:
-    stderr.print(f"[bold red]error:[/] {message}", markup=True, soft_wrap=True)
+    stderr.print(f"[bold red]error:[/] {escape(message)}", markup=True, soft_wrap=True)  # e.g. "[/path:12]" is text
 
 
 def warn(message: str) -> None:
-    stderr.print(f"[yellow]warning:[/] {message}", soft_wrap=True)
+    stderr.print(f"[yellow]warning:[/] {escape(message)}", soft_wrap=True)
 
 
 def note(message: str) -> None:
@@ -58,7 +59,9 @@ class TrainProgress:
             fields["loss"] = f"{event.loss:.3f}"
         if event.chars_per_s:
             fields["speed"] = f"{event.chars_per_s:,.0f}"
-        if event.val:
+        if event.val and "accuracy" in event.val:
+            fields["val"] = f"acc {event.val['accuracy']:.3f}"
+        elif event.val:
             fields["val"] = f"{event.val['loss']:.3f} ({event.val['bits_per_char']:.3f} bpc)"
         if event.kind == "nan":
             self.progress.console.print(f"[yellow]warning:[/] {event.message}")
@@ -72,6 +75,26 @@ def key_value_table(rows: dict[str, Any]) -> Table:
     for key, value in rows.items():
         table.add_row(key, fmt(value))
     return table
+
+
+def classification_tables(result: dict[str, Any]) -> Any:
+    """Per-class precision/recall/F1 and the confusion matrix (rows: true class, columns: predicted)."""
+    from rich.console import Group
+
+    per_class = Table(title="per class", title_justify="left")
+    for col in ("class", "precision", "recall", "F1", "support"):
+        per_class.add_column(col, justify="left" if col == "class" else "right")
+    for name, m in result["per_class"].items():
+        per_class.add_row(name, f"{m['precision']:.3f}", f"{m['recall']:.3f}", f"{m['f1']:.3f}", str(m["support"]))
+    classes = result["classes"]
+    confusion = Table(title="confusion (rows: true, columns: predicted)", title_justify="left")
+    confusion.add_column("")
+    for name in classes:
+        confusion.add_column(name[:6], justify="right")
+    for name, row in zip(classes, result["confusion"]):
+        confusion.add_row(name, *(f"[bold]{n}[/]" if i == j else (str(n) if n else "[dim]·[/]")
+                                  for j, (i, n) in enumerate((classes.index(name), n) for n in row)))
+    return Group(per_class, confusion)
 
 
 def stream(text: str) -> None:

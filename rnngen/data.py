@@ -21,13 +21,17 @@ from .errors import InputError
 from .tokenizers import Tokenizer
 
 
-def _line_chunks(chunks: Iterator[str], min_chars: int = 1 << 22) -> Iterator[str]:
-    """Re-cut text chunks at newlines (subword pieces never span one), each at least ``min_chars``."""
+def _line_chunks(chunks: Iterator[str], min_chars: int = 1 << 22, max_chars: int = 1 << 26) -> Iterator[str]:
+    """Re-cut text chunks at newlines (subword pieces never span one), each at least ``min_chars``.
+
+    Text with no newline in ``max_chars`` characters is cut anyway, so that memory stays bounded
+    (a subword piece may then be split in two at that point).
+    """
     rest = ""
     for chunk in chunks:
         rest += chunk
         if len(rest) >= min_chars:
-            cut = rest.rfind("\n") + 1
+            cut = rest.rfind("\n") + 1 or (len(rest) if len(rest) >= max_chars else 0)
             if cut:
                 yield rest[:cut]
                 rest = rest[cut:]
@@ -36,7 +40,8 @@ def _line_chunks(chunks: Iterator[str], min_chars: int = 1 << 22) -> Iterator[st
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
-    return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
+    """The smallest unsigned type for the ids: one byte a token for most character vocabularies."""
+    return np.dtype(np.uint8 if vocab_size <= 1 << 8 else np.uint16 if vocab_size <= 1 << 16 else np.uint32)
 
 
 def tokenize_to_file(corpus: Corpus, tokenizer: Tokenizer, directory: Path | None = None,
@@ -48,13 +53,15 @@ def tokenize_to_file(corpus: Corpus, tokenizer: Tokenizer, directory: Path | Non
     tok_hash = hashlib.sha256(json.dumps(tokenizer.to_dict(), sort_keys=True).encode()).hexdigest()
     key = hashlib.sha256(f"{fingerprint or corpus.fingerprint()}|{tok_hash}".encode()).hexdigest()[:32]
     directory = directory or cache_dir() / "tokens"
-    path = directory / f"{key}.tokens"
     dtype = token_dtype(tokenizer.vocab_size)
+    path = directory / f"{key}.{dtype.name}.tokens"
     if not path.exists():
         directory.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
+        # Characters are encoded one by one, so any cut will do; subwords need cuts at newlines.
+        chunks = corpus.chunks() if tokenizer.kind == "char" else _line_chunks(corpus.chunks())
         with open(tmp, "wb") as f:
-            for chunk in _line_chunks(corpus.chunks()):
+            for chunk in chunks:
                 f.write(tokenizer.encode(chunk).astype(dtype).tobytes())
         os.replace(tmp, path)  # a half-written cache file never looks complete
     if path.stat().st_size == 0:
@@ -94,12 +101,15 @@ class StreamBatches:
 
     Each epoch starts the lanes at a shift drawn from (seed, epoch), so windows differ between epochs
     and a resumed run sees exactly the batches the uninterrupted run would have seen. With several
-    processes, rank ``r`` takes its own slice of the lanes.
+    processes, rank ``r`` takes its own slice of the lanes (``batch_size`` is the global batch).
     """
 
     def __init__(self, tokens: np.ndarray, batch_size: int, seq_len: int, seed: int,
                  rank: int = 0, world_size: int = 1) -> None:
         self.tokens, self.batch_size, self.seq_len, self.seed = tokens, batch_size, seq_len, seed
+        if batch_size % world_size:
+            raise InputError(f"--batch-size {batch_size} (the global batch) does not split evenly between "
+                             f"{world_size} processes; use a multiple of {world_size}")
         self.lanes = slice(rank * batch_size // world_size, (rank + 1) * batch_size // world_size)
         need = batch_size * (2 * seq_len + 1)
         if len(tokens) < need:
@@ -125,9 +135,14 @@ class StreamBatches:
         return block_t[:, :-1], block_t[:, 1:]
 
 
-def eval_windows(tokens: np.ndarray, seq_len: int, lanes: int = 16,
-                 max_tokens: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Windows over all of ``tokens`` in ``lanes`` parallel lanes (state to be carried between them)."""
+def eval_windows(tokens: np.ndarray, seq_len: int, lanes: int = 16, max_tokens: int | None = None,
+                 rank: int = 0, world_size: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Windows over all of ``tokens`` in ``lanes`` parallel lanes (state to be carried between them).
+
+    Each window is read from ``tokens`` (a memory map for a big corpus) as it is needed, so memory
+    stays bounded however long the text is. With several processes, rank ``r`` reads its own share
+    of the lanes (possibly none).
+    """
     if max_tokens is not None:
         tokens = tokens[: max_tokens + 1]
     if len(tokens) < 2:
@@ -135,8 +150,11 @@ def eval_windows(tokens: np.ndarray, seq_len: int, lanes: int = 16,
                          "--val-fraction")
     lanes = max(1, min(lanes, (len(tokens) - 1) // seq_len))
     lane_len = (len(tokens) - 1) // lanes
-    block = np.asarray(tokens[: lanes * lane_len + 1]).astype(np.int64)
-    rows = torch.from_numpy(np.stack([block[i * lane_len: (i + 1) * lane_len + 1] for i in range(lanes)]))
+    mine = range(rank * lanes // world_size, (rank + 1) * lanes // world_size)
+    if not mine:
+        return
     for start in range(0, lane_len, seq_len):
         end = min(start + seq_len, lane_len)
-        yield rows[:, start:end], rows[:, start + 1: end + 1]
+        rows = np.stack([tokens[i * lane_len + start: i * lane_len + end + 1] for i in mine]).astype(np.int64)
+        block = torch.from_numpy(rows)  # (lanes, T+1)
+        yield block[:, :-1], block[:, 1:]

@@ -13,8 +13,14 @@ import torch
 from .checkpoint import load_checkpoint, run_dir_of
 from .config import SampleConfig
 from .errors import InputError
+from .fastpath import GraphSampler, Stepper
 from .model import RNNModel, State
 from .tokenizers import Tokenizer
+
+GRAPH_BLOCK = 32  # tokens per CUDA-graph replay (runs of at most this many tokens step eagerly)
+GRAPH_CACHE = 8  # captured graphs kept per Generator (one per batch size and sampling settings)
+FAST_DEVICES = ("cpu", "cuda")  # where the fast steps are used (elsewhere the model is called per token)
+LABELLED_END = ("\n",)  # a labelled example's text ends at a newline (see classify.py)
 
 
 def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
@@ -32,12 +38,24 @@ def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) 
     return logits
 
 
-def pick_tokens(logits: torch.Tensor, config: SampleConfig, generator: torch.Generator) -> torch.Tensor:
-    """Next token ids (B,) from logits (B, V)."""
+def pick_tokens(logits: torch.Tensor, config: SampleConfig, generator: torch.Generator | None,
+                gumbel: torch.Tensor | None = None) -> torch.Tensor:
+    """Next token ids (B,) from logits (B, V).
+
+    ``gumbel`` (B, V), Gumbel noise drawn in advance (-log of Exp(1) draws; for CUDA graphs), replaces
+    drawing from ``generator``: argmax(logits / T + G) is the same choice as argmax(p / q) below, in log space.
+    """
     if config.greedy:
         return logits.argmax(dim=-1)
+    if gumbel is not None:
+        if config.top_k is None and config.top_p is None:  # argmax(l + T * G) = argmax(l / T + G): one kernel
+            return torch.add(logits.float(), gumbel, alpha=config.temperature).argmax(dim=-1)
+        return (filter_logits(logits.float() / config.temperature, config.top_k, config.top_p) + gumbel).argmax(-1)
     logits = filter_logits(logits.float() / config.temperature, config.top_k, config.top_p)
-    return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator).squeeze(-1)
+    probs = torch.softmax(logits, dim=-1)
+    # Exactly the draw torch.multinomial(probs, 1) makes (the argmax of p / q with q ~ Exp(1), from the same
+    # generator), without its validity checks, which cost more than the rest of a small model's step.
+    return probs.div_(torch.empty_like(probs).exponential_(generator=generator)).argmax(dim=-1)
 
 
 class StopScanner:
@@ -69,6 +87,23 @@ class StopScanner:
         return out
 
 
+class TextStream:
+    """Token ids in, text out: decoding, then stop strings (the text safe to show, and whether one was hit)."""
+
+    def __init__(self, tokenizer: Tokenizer, stops: Sequence[str]) -> None:
+        self.decoder = tokenizer.stream_decoder()
+        self.scanner = StopScanner(stops)
+
+    def push(self, token: int) -> tuple[str, bool]:
+        return self.scanner.push(self.decoder.feed(token))
+
+    def finish(self) -> str:
+        """The text still held back, once no token follows."""
+        flush = getattr(self.decoder, "flush", None)
+        text, _ = self.scanner.push(flush() if flush else "")
+        return text + self.scanner.flush()
+
+
 def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
     gen = torch.Generator(device=device)
     gen.manual_seed(seed if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1)
@@ -86,17 +121,46 @@ class Cursor:
 class Generator:
     """A loaded model and tokenizer, ready to generate and evaluate text."""
 
-    def __init__(self, model: RNNModel, tokenizer: Tokenizer, config: dict[str, Any], directory: Path) -> None:
+    def __init__(self, model: RNNModel, tokenizer: Tokenizer, config: dict[str, Any], directory: Path,
+                 fast: bool = True) -> None:
         self.model, self.tokenizer, self.config, self.directory = model, tokenizer, config, directory
         self.device = next(model.parameters()).device
-        if model.config.bidirectional:
+        # fast: step with rnngen.fastpath (same numbers, a fraction of the overhead); False steps the model
+        # itself, one call per token (the plain path, kept for comparison).
+        self.fast = fast
+        self._stepper: Stepper | None = None
+        self.graph_error: Exception | None = None  # why a CUDA graph could not be captured, if it ever failed
+        self._graphs: dict[tuple[Any, ...], GraphSampler] = {}  # captured CUDA graphs, by sampling settings
+        if model.config.label_tokens:  # label tokens only ever begin a text: never generate one
+            with torch.no_grad():
+                model.lm_head.bias[model.config.text_vocab_size:] = float("-inf")
+
+    def _check_generative(self) -> None:
+        if self.model.config.bidirectional:
             raise InputError("this checkpoint has a bidirectional encoder, which can classify but not "
                              "generate; use a unidirectional model for text generation")
 
+    @property
+    def labels(self) -> list[str]:
+        """Labels this model can generate for (``--label``); empty for a plain language model."""
+        return list(self.model.config.label_tokens)
+
+    @property
+    def classes(self) -> list[str]:
+        """Classes of the classification head; empty when the model has none."""
+        head = self.model.classifier
+        return list(head.classes) if head is not None else []
+
     @classmethod
-    def load(cls, path: str | os.PathLike[str], device: str = "cpu") -> Generator:
+    def load(cls, path: str | os.PathLike[str], device: str = "cpu", fast: bool = True) -> Generator:
         model, tokenizer, config, directory = load_checkpoint(path, device)
-        return cls(model, tokenizer, config, directory)
+        return cls(model, tokenizer, config, directory, fast)
+
+    def stepper(self) -> Stepper:
+        """The model's weights prepared for one-token steps (built on first use; the weights must not change)."""
+        if self._stepper is None:
+            self._stepper = Stepper(self.model)
+        return self._stepper
 
     @property
     def run_dir(self) -> Path:
@@ -106,7 +170,14 @@ class Generator:
         """How many characters of ``text`` the tokenizer cannot represent (they become <unk>)."""
         return self.tokenizer.count_unknown(text)
 
-    def _start_ids(self, prompt: str) -> list[int]:
+    def _start_ids(self, prompt: str, label: str | None = None) -> list[int]:
+        self._check_generative()
+        if label is not None:
+            if label not in self.labels:
+                known = ", ".join(self.labels) or "none: it was not trained on labelled data"
+                raise InputError(f"unknown label {label!r}; this model's labels are: {known}")
+            return [self.model.config.label_id(label)] + ([int(i) for i in self.tokenizer.encode(prompt)]
+                                                          if prompt else [])
         if prompt:
             ids = [int(i) for i in self.tokenizer.encode(prompt)]
             if all(i == self.tokenizer.unk_id for i in ids):
@@ -124,41 +195,152 @@ class Generator:
         logits, state = self.model(x, state)
         return Cursor(state, logits[:, -1])
 
-    def start(self, prompt: str = "") -> Cursor:
-        return self.feed(self._start_ids(prompt))
+    def start(self, prompt: str = "", label: str | None = None) -> Cursor:
+        """A cursor after ``prompt`` (after the label's token first, when ``label`` is given)."""
+        return self.feed(self._start_ids(prompt, label))
 
-    @torch.inference_mode()
     def continue_from(self, cursor: Cursor, config: SampleConfig,
                       generator: torch.Generator | None = None) -> Iterator[str]:
         """Yield text pieces after ``cursor`` (advancing it) until ``config.length`` tokens or a stop string."""
+        # Not decorated with inference_mode, which costs 7 us a token (of ~110 on CPU) as it wraps every
+        # resumption of a generator: _steps enters it around each step's work instead.
         generator = generator or make_generator(config.seed, self.device)
-        decoder = self.tokenizer.stream_decoder()
-        scanner = StopScanner(config.stop)
-        for _ in range(config.length):
-            token = pick_tokens(cursor.logits, config, generator)  # (1,)
-            logits, cursor.state = self.model(token.view(1, 1), cursor.state)
-            cursor.logits = logits[:, -1]
-            text, stopped = scanner.push(decoder.feed(int(token)))
-            if text:
-                yield text
+        text = TextStream(self.tokenizer, config.stop)
+        for (token,) in self._steps(cursor, 1, config, generator, track=True):
+            piece, stopped = text.push(token)
+            if piece:
+                yield piece
             if stopped:
                 return
-        flush = getattr(decoder, "flush", None)
-        text, _ = scanner.push(flush() if flush else "")
-        if rest := text + scanner.flush():
+        if rest := text.finish():
             yield rest
+
+    @torch.inference_mode()
+    def continue_many(self, cursor: Cursor, n: int, config: SampleConfig,
+                      generator: torch.Generator | None = None) -> list[str]:
+        """``n`` independent continuations of ``cursor`` (which is left as it is), sampled together as one batch.
+
+        Each ends at its own stop string or after ``config.length`` tokens. With ``greedy`` every one is the
+        text ``continue_from`` gives; with a seed the batch is reproducible (its draws differ from n
+        separate calls').
+        """
+        if n < 1:
+            raise InputError(f"the number of samples must be at least 1, got {n}")
+        generator = generator or make_generator(config.seed, self.device)
+        texts = [TextStream(self.tokenizer, config.stop) for _ in range(n)]
+        pieces: list[list[str]] = [[] for _ in range(n)]
+        running = list(range(n))  # the streams that have not reached a stop string
+        for ids in self._steps(cursor, n, config, generator, track=False):
+            still = []
+            for i in running:
+                piece, stopped = texts[i].push(ids[i])
+                pieces[i].append(piece)
+                if not stopped:
+                    still.append(i)
+            running = still
+            if not running:
+                break
+        for i in running:
+            pieces[i].append(texts[i].finish())
+        return ["".join(p) for p in pieces]
+
+    def _steps(self, cursor: Cursor, n: int, config: SampleConfig, generator: torch.Generator,
+               track: bool) -> Iterator[list[int]]:
+        """Sample up to ``config.length`` tokens for ``n`` streams starting at ``cursor``; yield each step's ids.
+
+        With ``track`` (n == 1) the cursor is moved past each token before its id is yielded, so it is whole
+        whenever the caller has control. On CUDA, long runs go through a CUDA graph, in blocks of tokens.
+        """
+        state = cursor.state or self.model.encoder.initial_state(1, self.device)
+        logits = cursor.logits.expand(n, -1)
+        if n > 1:
+            state = tuple(s.expand(-1, n, -1).contiguous() for s in state)
+        key = (n, config.greedy, config.temperature, config.top_k, config.top_p, track)
+        sampler = self._graph_sampler(key, state, logits) if config.length > GRAPH_BLOCK else None
+        if sampler is not None:
+            try:
+                block = sampler.block
+                for b, (ids, states, all_logits) in enumerate(sampler.blocks(generator, -(-config.length // block))):
+                    for k in range(min(block, config.length - b * block)):
+                        if track:
+                            cursor.state, cursor.logits = tuple(s[k] for s in states), all_logits[k]
+                        yield ids[k]
+            finally:  # back in the cache (taken out while in use: an interleaved run captures its own)
+                self._graphs[key] = sampler
+                while len(self._graphs) > GRAPH_CACHE:
+                    del self._graphs[next(iter(self._graphs))]
+            return
+        fast = self.fast and self.device.type in FAST_DEVICES
+        with torch.inference_mode():
+            streams = self.stepper().streams(state, n) if fast else None
+        for _ in range(config.length):
+            with torch.inference_mode():  # for each step's work alone: never while the caller has control
+                tokens = pick_tokens(logits, config, generator)  # (n,)
+                if streams is None:
+                    logits, state = self._model_step(tokens, state)
+                else:
+                    logits = streams.advance(tokens)
+                    state = streams.state() if track else state
+                ids = tokens.tolist()
+            if track:
+                cursor.state, cursor.logits = state, logits
+            yield ids
+
+    def _model_step(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        """The plain step: one model call for one token per stream; logits (B, V) and the new state."""
+        out, state = self.model(tokens.view(-1, 1), state)
+        return out[:, -1], state
+
+    def _graph_sampler(self, key: tuple[Any, ...], state: State, logits: torch.Tensor) -> GraphSampler | None:
+        """A CUDA-graph sampler for ``key`` (n, greedy, temperature, top_k, top_p, track), from the cache or
+        captured now, starting at ``state`` and ``logits``; None off CUDA, without the fast path, or once a
+        capture has failed (the error is kept in ``graph_error``; the eager steps are used instead)."""
+        if not (self.fast and self.device.type == "cuda" and self.graph_error is None):
+            return None
+        sampler = self._graphs.pop(key, None)
+        if sampler is not None:
+            sampler.reset(state, logits)
+            return sampler
+        config = SampleConfig(temperature=key[2], top_k=key[3], top_p=key[4], greedy=key[1])
+        try:  # the graph replays the model's own step (cuDNN: the plain path's numbers, in fewer kernels)
+            return GraphSampler(self._model_step, state, logits,
+                                lambda lg, gumbel: pick_tokens(lg, config, None, gumbel),
+                                noisy=not config.greedy, track=key[5], block=GRAPH_BLOCK)
+        except Exception as exc:  # any capture problem: fall back to the eager fast steps for good
+            self.graph_error = exc
+            return None
 
     def generate(self, prompt: str = "", length: int = 500, temperature: float = 0.8, top_k: int | None = None,
                  top_p: float | None = None, greedy: bool = False, stop: Sequence[str] = (),
-                 seed: int | None = None) -> Iterator[str]:
-        """Yield the continuation of ``prompt`` piece by piece (the prompt itself is not repeated)."""
-        config = SampleConfig(temperature, top_k, top_p, greedy, length, tuple(stop), seed)
-        cursor = self.start(prompt)
+                 seed: int | None = None, label: str | None = None) -> Iterator[str]:
+        """Yield the continuation of ``prompt`` piece by piece (the prompt itself is not repeated).
+
+        With ``label`` the text is generated for that label and, unless ``stop`` says otherwise, ends
+        where a labelled example ends (at a newline).
+        """
+        stop = tuple(stop) or (LABELLED_END if label is not None else ())
+        config = SampleConfig(temperature, top_k, top_p, greedy, length, stop, seed)
+        cursor = self.start(prompt, label)
         yield from self.continue_from(cursor, config)
 
     def sample(self, prompt: str = "", **options: Any) -> str:
         """The whole continuation of ``prompt`` as one string (see ``generate`` for the options)."""
         return "".join(self.generate(prompt, **options))
+
+    def sample_many(self, n: int, prompt: str = "", length: int = 500, temperature: float = 0.8,
+                    top_k: int | None = None, top_p: float | None = None, greedy: bool = False,
+                    stop: Sequence[str] = (), seed: int | None = None, label: str | None = None) -> list[str]:
+        """``n`` continuations of ``prompt``, generated together as one batch (options as for ``generate``)."""
+        stop = tuple(stop) or (LABELLED_END if label is not None else ())
+        config = SampleConfig(temperature, top_k, top_p, greedy, length, stop, seed)
+        return self.continue_many(self.start(prompt, label), n, config)
+
+    def classify(self, texts: Sequence[str] | str, top: int | None = None) -> list[dict[str, Any]]:
+        """Label and class probabilities (most likely first, ``top`` of them) for each text."""
+        from .classify import classify_texts
+
+        return classify_texts(self.model, self.tokenizer, self.config, [texts] if isinstance(texts, str) else texts,
+                              self.device, top)
 
     def evaluate(self, text: str) -> dict[str, float]:
         """Loss of ``text`` under the model: nats/token, nats/char, bits/char, perplexity."""

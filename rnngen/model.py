@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dataclasses import replace
+
 from .config import ModelConfig
 from .errors import CheckpointError
 
@@ -53,6 +55,24 @@ class Encoder(nn.Module):
             hidden, out_state = self.rnn(x, state if self.config.arch == "lstm" else state[0])
         return hidden, (tuple(out_state) if isinstance(out_state, tuple) else (out_state,))  # (B, T, H)
 
+    def forward_padded(self, tokens: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encode right-padded sequences: hidden states (B, T, D) and each sequence's final state (B, D).
+
+        A unidirectional stack never sees the padding before a sequence's end, so it runs unpacked
+        (fast kernels) and its final state is read at ``lengths - 1``; a bidirectional one is packed,
+        because its backward direction would otherwise start in the padding.
+        """
+        x = self.emb_dropout(self.embedding(tokens))
+        if not self.config.bidirectional:
+            hidden, _ = self.rnn(x)
+            last = hidden[torch.arange(len(lengths), device=hidden.device), lengths.to(hidden.device) - 1]
+            return hidden, last
+        packed = nn.utils.rnn.pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
+        out, state = self.rnn(packed)
+        hidden, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=tokens.size(1))
+        h = state[0] if isinstance(state, tuple) else state  # (layers * 2, B, H): the top layer's two directions
+        return hidden, torch.cat([h[-2], h[-1]], dim=-1)
+
 
 class LMHead(nn.Module):
     """Dropout then a projection to vocabulary logits; may share the embedding matrix (tied weights)."""
@@ -73,6 +93,28 @@ class LMHead(nn.Module):
         return F.linear(self.dropout(hidden), self.weight, self.bias)  # (B, T, V)
 
 
+class ClassifierHead(nn.Module):
+    """Pools the hidden sequence (final state, masked mean and max, concatenated), then dropout and a linear."""
+
+    def __init__(self, input_size: int, classes: list[str], dropout: float = 0.2) -> None:
+        super().__init__()
+        self.classes = list(classes)
+        self.dropout = nn.Dropout(dropout)
+        self.proj = nn.Linear(3 * input_size, len(classes))
+
+    def spec(self) -> dict:
+        return {"type": "classifier", "classes": self.classes, "dropout": self.dropout.p}
+
+    def forward(self, hidden: torch.Tensor, last: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Class logits (B, C) from hidden (B, T, D), final states (B, D) and lengths (B,)."""
+        mask = (torch.arange(hidden.size(1), device=hidden.device)[None, :]
+                < lengths.to(hidden.device)[:, None]).unsqueeze(-1)  # (B, T, 1): True on real tokens
+        hidden = hidden.float()
+        mean = (hidden * mask).sum(1) / lengths.to(hidden.device)[:, None].float()
+        peak = hidden.masked_fill(~mask, float("-inf")).amax(1)
+        return self.proj(self.dropout(torch.cat([last.float(), mean, peak], dim=-1)))
+
+
 class RNNModel(nn.Module):
     """The encoder with its language-model head; ``heads`` holds further heads (e.g. classifiers)."""
 
@@ -91,6 +133,40 @@ class RNNModel(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    @property
+    def classifier(self) -> ClassifierHead | None:
+        head = self.heads["classifier"] if "classifier" in self.heads else None
+        return head  # type: ignore[return-value]
+
+    def classify(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Class logits (B, C) for right-padded token sequences."""
+        if self.classifier is None:
+            raise CheckpointError("this model has no classification head; train one with `rnngen classify train`")
+        hidden, last = self.encoder.forward_padded(tokens, lengths)
+        return self.classifier(hidden, last, lengths)
+
+    def with_label_tokens(self, labels: list[str]) -> RNNModel:
+        """A copy whose vocabulary also holds a token for each of ``labels`` not already in it."""
+        new = [label for label in labels if label not in self.config.label_tokens]
+        if not new:
+            return self
+        config = replace(self.config, vocab_size=self.config.vocab_size + len(new),
+                         label_tokens=(*self.config.label_tokens, *new))
+        grown = RNNModel(config)
+        for name, head in self.heads.items():
+            grown.heads[name] = head
+        extra = grown.state_dict()
+        weights = self.state_dict()
+        for key, value in weights.items():
+            if extra[key].shape != value.shape:  # embedding and LM-head rows: keep the old, new rows fresh
+                extra[key][: value.size(0)] = value
+                if key == "lm_head.bias":
+                    extra[key][value.size(0):] = -10.0  # a label token is never predicted as text
+            else:
+                extra[key] = value
+        grown.load_state_dict(extra)
+        return grown
+
 
 def detach_state(state: State) -> State:
     return tuple(s.detach() for s in state)
@@ -99,5 +175,8 @@ def detach_state(state: State) -> State:
 def attach_heads(model: RNNModel, config: dict) -> None:
     """Create the extra heads a checkpoint's config.json lists, so their weights can load."""
     for name, spec in (config.get("heads") or {}).items():
+        if spec.get("type") == "classifier" and name == "classifier":
+            model.heads[name] = ClassifierHead(model.encoder.output_size, spec["classes"], spec.get("dropout", 0.2))
+            continue
         raise CheckpointError(f"the checkpoint has a head {name!r} of type {spec.get('type')!r} that this "
                               "rnngen does not know; upgrade rnngen")

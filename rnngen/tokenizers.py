@@ -232,12 +232,20 @@ class _PieceStream:
         return self.bytes.decode(b"", final=True)
 
 
-def _lines(chunks: Iterable[str]) -> Iterator[str]:
+def _lines(chunks: Iterable[str], max_chars: int = 1 << 14) -> Iterator[str]:
+    """The lines of the text for sentencepiece training, cut to at most ``max_chars`` characters.
+
+    sentencepiece skips a line longer than its max_sentence_length (64 KiB) whole; cutting keeps
+    its text, and keeps memory bounded when the corpus has no newlines at all.
+    """
     rest = ""
     for chunk in chunks:
         lines = (rest + chunk).split("\n")
         rest = lines.pop()
-        yield from (line for line in lines if line)
+        cut = len(rest) - len(rest) % max_chars
+        lines += [rest[i: i + max_chars] for i in range(0, cut, max_chars)]
+        rest = rest[cut:]
+        yield from (line[i: i + max_chars] for line in lines for i in range(0, len(line), max_chars))
     if rest:
         yield rest
 

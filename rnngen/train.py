@@ -2,7 +2,8 @@
 
 One run directory (see checkpoint.py) holds the best and the last checkpoint and metrics.jsonl.
 Resume is exact: the last checkpoint carries the optimizer, the step (hence the schedule), the RNG
-states, the data position and the recurrent state carried between windows.
+states, the data position and the recurrent state carried between windows. Under torchrun the same
+loop runs in every process (see distributed.py): each trains on its own lanes of the batch.
 """
 
 from __future__ import annotations
@@ -26,9 +27,10 @@ from .checkpoint import (BEST, LAST, append_metrics, load_checkpoint, load_train
 from .config import ModelConfig, TrainConfig, from_dict, to_dict
 from .corpora import Corpus, resolve_corpus
 from .data import StreamBatches, TokenSplit, eval_windows, tokenize_to_file
+from .distributed import Dist, session
 from .errors import CheckpointError, InputError, TrainingError
 from .model import RNNModel, State, detach_state
-from .tokenizers import Tokenizer, fit_tokenizer
+from .tokenizers import Tokenizer, fit_tokenizer, tokenizer_from_dict
 
 LN2 = math.log(2.0)
 
@@ -108,24 +110,31 @@ def autocast(device: torch.device, enabled: bool = True) -> Any:
 
 @torch.no_grad()
 def evaluate(model: RNNModel, tokens: np.ndarray, char_lengths: np.ndarray, device: torch.device,
-             seq_len: int = 256, max_tokens: int | None = None, bf16: bool = False) -> dict[str, float]:
-    """Loss of ``tokens`` read in parallel lanes with the state carried: nats/token, nats/char, bits/char."""
+             seq_len: int = 256, max_tokens: int | None = None, bf16: bool = False,
+             dist: Dist | None = None) -> dict[str, float]:
+    """Loss of ``tokens`` read in parallel lanes with the state carried: nats/token, nats/char, bits/char.
+
+    With ``dist``, each rank reads its share of the lanes and the sums are added up over the ranks,
+    so every rank gets the same result (a collective: all ranks must call it).
+    """
+    dist = dist or Dist()
     was_training = model.training
     model.eval()
     total_nats, total_tokens, total_chars = 0.0, 0, 0
     state: State | None = None
     lengths = torch.from_numpy(char_lengths)
-    for x, y in eval_windows(tokens, seq_len, max_tokens=max_tokens):
+    for x, y in eval_windows(tokens, seq_len, max_tokens=max_tokens, rank=dist.rank, world_size=dist.world_size):
         with autocast(device, bf16):
             logits, state = model(x.to(device), state)
         total_nats += F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten(), reduction="sum").item()
         total_tokens += y.numel()
         total_chars += int(lengths[y].sum())
     model.train(was_training)
+    total_nats, total_tokens, total_chars = dist.all_reduce([total_nats, total_tokens, total_chars])
     loss = total_nats / total_tokens
     per_char = total_nats / max(1, total_chars)
     return {"loss": loss, "nats_per_char": per_char, "bits_per_char": per_char / LN2,
-            "perplexity": math.exp(min(loss, 50.0)), "tokens": total_tokens}
+            "perplexity": math.exp(min(loss, 50.0)), "tokens": int(total_tokens)}
 
 
 def make_optimizer(model: RNNModel, config: TrainConfig, device: torch.device) -> torch.optim.AdamW:
@@ -174,18 +183,30 @@ class _Position:
     nan_retries: int = 0
 
 
+def _rng_key(kind: str, rank: int) -> str:
+    """Where a rank's RNG state is saved: rank 0's where a single process keeps its own."""
+    return f"rng.{kind}" if rank == 0 else f"rng.{kind}.{rank}"
+
+
 class Trainer:
-    """Trains ``model`` on ``split`` into ``run_dir``; call ``run()``."""
+    """Trains ``model`` on ``split`` into ``run_dir``; call ``run()`` (holding the run lock).
+
+    With ``dist`` (torchrun), every rank builds its Trainer and calls the same methods in the same
+    order: saving, evaluating and stopping involve all ranks, and only rank 0 writes.
+    """
 
     def __init__(self, model: RNNModel, tokenizer: Tokenizer, split: TokenSplit, config: TrainConfig,
                  run_dir: Path, meta: dict[str, Any], device: torch.device,
                  callback: Callable[[TrainEvent], None] | None = None,
-                 stop: threading.Event | None = None) -> None:
+                 stop: threading.Event | None = None, dist: Dist | None = None) -> None:
         self.model, self.tokenizer, self.split, self.config = model.to(device), tokenizer, split, config
         self.run_dir, self.meta, self.device = run_dir, meta, device
         self.callback = callback or (lambda event: None)
         self.stop = stop or threading.Event()
-        self.batches = StreamBatches(split.train, config.batch_size, config.seq_len, config.seed)
+        self.dist = dist or Dist()
+        self.net: torch.nn.Module = self.model  # what the training step calls: wrapped in DDP by run()
+        self.batches = StreamBatches(split.train, config.batch_size, config.seq_len, config.seed,
+                                     self.dist.rank, self.dist.world_size)
         self.char_lengths = tokenizer.char_lengths()
         self.optimizer = make_optimizer(model, config, device)
         self.pos = _Position()
@@ -196,18 +217,23 @@ class Trainer:
         train_sample = np.asarray(split.train[: 1 << 20])
         self.bf16 = use_bf16(device, config.precision)
         self.chars_per_token = float(self.char_lengths[train_sample].mean()) if len(train_sample) else 1.0
-        nan_at = os.environ.get("RNNGEN_TEST_NAN_AT_STEP", "")  # test hook: inject a NaN loss at these steps
-        self._inject_nan = {int(s) for s in nan_at.split(",") if s.strip()}
+        # Test hook: inject a NaN loss at these steps, "STEP" on every rank or "STEP@RANK" on one.
+        nan_at = [s.strip().split("@") for s in os.environ.get("RNNGEN_TEST_NAN_AT_STEP", "").split(",") if s.strip()]
+        self._inject_nan = {int(s[0]) for s in nan_at if len(s) == 1 or int(s[1]) == self.dist.rank}
         self._good: dict[str, Any] | None = None
 
     # -- saving and restoring -------------------------------------------------------------------
     def _trainer_state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """What resuming needs, the RNG states and carried state of every rank included (a collective)."""
         groups, tensors = _optimizer_to_saved(self.optimizer)
-        tensors["rng.cpu"] = torch.get_rng_state()
+        rngs = {"cpu": torch.get_rng_state()}
         if self.device.type == "cuda":
-            tensors["rng.cuda"] = torch.cuda.get_rng_state(self.device)
+            rngs["cuda"] = torch.cuda.get_rng_state(self.device)
+        for kind, rng in rngs.items():
+            for rank, rank_rng in enumerate(self.dist.gather(rng)):
+                tensors[_rng_key(kind, rank)] = rank_rng
         for i, s in enumerate(self.state or ()):
-            tensors[f"carry.{i}"] = s
+            tensors[f"carry.{i}"] = torch.cat(self.dist.gather(s), dim=1)  # (L, B, H): every lane, as in one process
         state = {"position": vars(self.pos).copy(), "optimizer_groups": groups,
                  "train_config": to_dict(self.config), **self.meta.get("resume", {})}
         return state, tensors
@@ -217,10 +243,14 @@ class Trainer:
         self.pos = _Position(**state["position"])
         _optimizer_from_saved(self.optimizer, state["optimizer_groups"],
                               {k: v.to(self.device) if not k.endswith(".step") else v for k, v in tensors.items()})
-        torch.set_rng_state(tensors["rng.cpu"])
-        if self.device.type == "cuda" and "rng.cuda" in tensors:
-            torch.cuda.set_rng_state(tensors["rng.cuda"], self.device)
-        carry = [tensors[k].to(self.device) for k in sorted(tensors) if k.startswith("carry.")]
+        rank = self.dist.rank
+        if _rng_key("cpu", rank) in tensors:
+            torch.set_rng_state(tensors[_rng_key("cpu", rank)])
+        else:  # resumed with more processes than the run had: this rank starts a stream of its own
+            torch.manual_seed(self.config.seed + rank)
+        if self.device.type == "cuda" and _rng_key("cuda", rank) in tensors:
+            torch.cuda.set_rng_state(tensors[_rng_key("cuda", rank)], self.device)
+        carry = [tensors[k][:, self.batches.lanes].to(self.device) for k in sorted(tensors) if k.startswith("carry.")]
         self.state = tuple(carry) if carry else None
 
     def _checkpoint_meta(self) -> dict[str, Any]:
@@ -231,7 +261,8 @@ class Trainer:
 
     def save_last(self) -> None:
         state, tensors = self._trainer_state()
-        save_checkpoint(self.run_dir / LAST, self.model, self.tokenizer, self._checkpoint_meta(), state, tensors)
+        if self.dist.is_main:
+            save_checkpoint(self.run_dir / LAST, self.model, self.tokenizer, self._checkpoint_meta(), state, tensors)
 
     def _snapshot(self) -> None:
         """Keep the last good state in memory, to roll back to if the loss turns NaN."""
@@ -274,12 +305,14 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         with autocast(self.device, self.bf16):
-            logits, state = self.model(x, self.state)
+            logits, state = self.net(x, self.state)
         loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
         if pos.step in self._inject_nan:
             self._inject_nan.discard(pos.step)
             loss = loss * float("nan")
-        value = loss.item()
+        # The loss of the global batch (ranks hold equal shares): a NaN on any rank is a NaN on all,
+        # so all of them skip the update and roll back together.
+        value = self.dist.all_reduce([loss.item()])[0] / self.dist.world_size
         if not math.isfinite(value):
             return None
         self.optimizer.zero_grad(set_to_none=True)
@@ -294,7 +327,7 @@ class Trainer:
         """Evaluate, log, save last (and best if better); True if early stopping says stop."""
         pos, config = self.pos, self.config
         val = evaluate(self.model, self.split.val, self.char_lengths, self.device,
-                       max_tokens=config.eval_max_tokens)
+                       max_tokens=config.eval_max_tokens, dist=self.dist)
         self.last_val = val
         improved = math.isfinite(val["loss"]) and val["loss"] < pos.best_loss
         if improved:
@@ -302,11 +335,12 @@ class Trainer:
             self.best_val = val
         else:
             pos.evals_since_best += 1
-        append_metrics(self.run_dir, {"step": pos.step, "seconds": round(pos.elapsed, 2),
-                                      "train_loss": self.train_loss, "lr": self.optimizer.param_groups[0]["lr"],
-                                      **{f"val_{k}": v for k, v in val.items()}})
-        if improved:
-            save_checkpoint(self.run_dir / BEST, self.model, self.tokenizer, self._checkpoint_meta())
+        if self.dist.is_main:
+            append_metrics(self.run_dir, {"step": pos.step, "seconds": round(pos.elapsed, 2),
+                                          "train_loss": self.train_loss, "lr": self.optimizer.param_groups[0]["lr"],
+                                          **{f"val_{k}": v for k, v in val.items()}})
+            if improved:
+                save_checkpoint(self.run_dir / BEST, self.model, self.tokenizer, self._checkpoint_meta())
         self.save_last()
         self._snapshot()
         self._emit("eval", val=val, loss=self.train_loss)
@@ -314,9 +348,11 @@ class Trainer:
 
     def run(self) -> TrainResult:
         config, pos = self.config, self.pos
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.net = self.dist.wrap(self.model, self.device)
         if pos.step == 0:  # a resumed run restored its RNG state instead
-            torch.manual_seed(config.seed)
+            torch.manual_seed(config.seed + self.dist.rank)  # each rank its own dropout masks
         self.model.train()
         self._snapshot()
         self._emit("start")
@@ -324,7 +360,10 @@ class Trainer:
         window_start, window_tokens = time.perf_counter(), 0
         stopped = "max_steps"
         while self.pos.step < config.max_steps:
-            if self.stop.is_set():
+            # Every rank stops if any was asked to, and all go by the slowest clock (the schedule
+            # depends on it): each takes the same decisions with the same learning rate.
+            stop, self.pos.elapsed = self.dist.all_reduce([float(self.stop.is_set()), self.pos.elapsed], op="max")
+            if stop:
                 stopped = "interrupted"
                 break
             if config.max_time and self.pos.elapsed >= config.max_time:
@@ -380,20 +419,45 @@ def has_run(run_dir: Path) -> bool:
         return False
 
 
+@dataclass(frozen=True)
+class _RunData:
+    """What rank 0 works out from the corpus (and, resuming, from the run); every rank builds on it."""
+
+    corpus: Corpus
+    fingerprint: str
+    tokenizer: dict[str, Any]
+    config: TrainConfig
+    meta: dict[str, Any]
+    best_val: dict[str, float] = field(default_factory=dict)  # resuming: the best validation so far
+
+
 def prepare_run(sources: list[str], out: str | Path, resume: bool = False, encoding: str = "utf-8",
                 errors: str = "strict", callback: Callable[[TrainEvent], None] | None = None,
-                stop: threading.Event | None = None, **options: Any) -> Trainer:
-    """Build a Trainer for a new run, or for resuming the run in ``out``."""
+                stop: threading.Event | None = None, dist: Dist | None = None, **options: Any) -> Trainer:
+    """Build a Trainer for a new run, or for resuming the run in ``out``.
+
+    With ``dist`` (torchrun), rank 0 reads the corpus (fits the tokenizer, hashes the corpus and
+    tokenizes it into the cache) while the others wait; then every rank builds its Trainer from
+    that. An error on any rank is raised on every rank.
+    """
+    dist = dist or Dist()
     run_dir = Path(out)
     model_opts, tok_opts, train_opts = _split_options(options)
     if resume:
-        return _prepare_resume(sources, run_dir, encoding, errors, train_opts, callback, stop)
+        data = dist.from_main(lambda: _resume_data(sources, run_dir, encoding, errors, train_opts))
+    else:
+        data = dist.from_main(lambda: _new_run_data(sources, run_dir, encoding, errors, tok_opts, train_opts))
+    return dist.agree(lambda: _build_trainer(data, run_dir, resume, model_opts, callback, stop, dist))
+
+
+def _new_run_data(sources: list[str], run_dir: Path, encoding: str, errors: str, tok_opts: dict[str, Any],
+                  train_opts: dict[str, Any]) -> _RunData:
     if has_run(run_dir):
         raise InputError(f"{run_dir} already holds a training run; pass --resume to continue it, "
                          "or choose another --out")
     config = TrainConfig(**train_opts)
     corpus = resolve_corpus(sources, encoding, errors)
-    device = resolve_device(config.device)
+    resolve_device(config.device)  # refuse a missing device before reading the corpus
     kind = tok_opts.get("tokenizer", "char")
     if kind not in ("char", "bpe", "unigram"):
         raise InputError(f"unknown --tokenizer {kind!r}: use char, bpe or unigram")
@@ -404,23 +468,18 @@ def prepare_run(sources: list[str], out: str | Path, resume: bool = False, encod
     tokenizer = fit_tokenizer(corpus.chunks(), kind, vocab_size, min_char_count)
     fingerprint = corpus.fingerprint()  # hashing reads the whole corpus: once per run
     tokens = tokenize_to_file(corpus, tokenizer, fingerprint=fingerprint)
-    model_config = ModelConfig(vocab_size=tokenizer.vocab_size, **model_opts)
-    split = TokenSplit.from_tokens(tokens, config.val_fraction)
-    torch.manual_seed(config.seed)
-    model = RNNModel(model_config)
     meta = {"training": {"corpus": corpus.describe(), "tokens": len(tokens)},
             "resume": {"corpus": {"paths": [str(p.resolve()) for p in corpus.paths], "encoding": encoding,
                                   "errors": errors, "fingerprint": fingerprint}}}
-    return Trainer(model, tokenizer, split, config, run_dir, meta, device, callback, stop)
+    return _RunData(corpus, fingerprint, tokenizer.to_dict(), config, meta)
 
 
-def _prepare_resume(sources: list[str], run_dir: Path, encoding: str, errors: str, overrides: dict[str, Any],
-                    callback: Callable[[TrainEvent], None] | None,
-                    stop: threading.Event | None) -> Trainer:
+def _resume_data(sources: list[str], run_dir: Path, encoding: str, errors: str,
+                 overrides: dict[str, Any]) -> _RunData:
     last = run_dir / LAST
     if not (last / "config.json").is_file():
         raise InputError(f"nothing to resume in {run_dir} (no {LAST}/ checkpoint); start a new run instead")
-    state, tensors = load_trainer_state(last)
+    state, _ = load_trainer_state(last)
     saved = state["corpus"]
     corpus = (resolve_corpus(sources, encoding, errors) if sources
               else Corpus(tuple(Path(p) for p in saved["paths"]), saved["encoding"], saved["errors"]))
@@ -432,20 +491,46 @@ def _prepare_resume(sources: list[str], run_dir: Path, encoding: str, errors: st
         raise InputError("the corpus differs from the one this run was trained on; resume with the same "
                          "files, or start a new run with another --out")
     config = replace(from_dict(TrainConfig, state["train_config"]), **overrides)
-    device = resolve_device(config.device)
-    model, tokenizer, ckpt_config, _ = load_checkpoint(last, device)
-    split = TokenSplit.from_tokens(tokenize_to_file(corpus, tokenizer, fingerprint=fingerprint),
-                                   config.val_fraction)
-    meta = {"training": {k: v for k, v in ckpt_config.get("training", {}).items()
-                         if k in ("corpus", "tokens")}, "resume": {"corpus": saved}}
-    trainer = Trainer(model, tokenizer, split, config, run_dir, meta, device, callback, stop)
+    resolve_device(config.device)
+    _, tokenizer, ckpt_config, _ = load_checkpoint(last)
+    tokenize_to_file(corpus, tokenizer, fingerprint=fingerprint)
+    training = ckpt_config.get("training", {})
+    meta = {"training": {k: v for k, v in training.items() if k in ("corpus", "tokens")}, "resume": {"corpus": saved}}
+    return _RunData(corpus, fingerprint, tokenizer.to_dict(), config, meta, dict(training.get("best_val") or {}))
+
+
+def _build_trainer(data: _RunData, run_dir: Path, resume: bool, model_opts: dict[str, Any],
+                   callback: Callable[[TrainEvent], None] | None, stop: threading.Event | None,
+                   dist: Dist) -> Trainer:
+    """On every rank: open the token cache rank 0 filled, then build (or load) the model and its Trainer."""
+    config = data.config
+    tokenizer = tokenizer_from_dict(data.tokenizer)
+    tokens = tokenize_to_file(data.corpus, tokenizer, fingerprint=data.fingerprint)
+    expected = data.meta["training"].get("tokens", len(tokens))
+    if len(tokens) != expected:
+        raise InputError(f"the corpus reads as {len(tokens):,} tokens on this machine but {expected:,} on rank 0; "
+                         "every machine needs the same corpus files")
+    split = TokenSplit.from_tokens(tokens, config.val_fraction)
+    device = dist.device(resolve_device(config.device))
+    meta = data.meta
+    if not resume:
+        torch.manual_seed(config.seed)  # the same initial weights on every rank
+        model = RNNModel(ModelConfig(vocab_size=tokenizer.vocab_size, **model_opts))
+        return Trainer(model, tokenizer, split, config, run_dir, meta, device, callback, stop, dist)
+    state, tensors = load_trainer_state(run_dir / LAST)
+    model, _, _, _ = load_checkpoint(run_dir / LAST, device)
+    trainer = Trainer(model, tokenizer, split, config, run_dir, meta, device, callback, stop, dist)
     trainer.restore(state, tensors)
-    trainer.best_val = dict(ckpt_config.get("training", {}).get("best_val") or {})  # saved with last/
+    trainer.best_val = data.best_val
     return trainer
 
 
 def train_from_options(sources: list[str], out: str | Path, **options: Any) -> TrainResult:
-    """Python API entry point: prepare the run (new or resumed) and train it to the end."""
-    trainer = prepare_run(sources, out, **options)
-    with run_lock(trainer.run_dir):
-        return trainer.run()
+    """Python API entry point: prepare the run (new or resumed) and train it to the end.
+
+    Under torchrun every process calls it and they train together (see distributed.py).
+    """
+    with session() as dist:
+        trainer = prepare_run(sources, out, dist=dist, **options)
+        with dist.on_main(run_lock(trainer.run_dir)):  # rank 0 holds the lock: it is the one that writes
+            return trainer.run()

@@ -6,11 +6,12 @@ import codecs
 import json
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
 
-from conftest import TINY, run_cli
+from conftest import TINY, rnngen_command, run_cli
 
 
 def assert_clean_error(proc, *phrases: str, code: int = 2) -> None:
@@ -48,12 +49,24 @@ def test_bad_paths(tmp_path: Path) -> None:
     assert_clean_error(run_cli("train", str(fifo), "--out", str(tmp_path / "r")), "not a regular file")
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root can read files without read permission")
+def without_read_override() -> list[str]:
+    """A command prefix under which file permissions apply: root keeps them only without CAP_DAC_*."""
+    if os.geteuid() != 0:
+        return []
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("running as root without setpriv: file permissions cannot be made to apply")
+    caps = "-dac_override,-dac_read_search"
+    return [setpriv, "--bounding-set", caps, "--inh-caps", caps]
+
+
 def test_unreadable_file(tmp_path: Path) -> None:
     path = tmp_path / "secret.txt"
     path.write_text("text")
     path.chmod(0)
-    assert_clean_error(run_cli("train", str(path), "--out", str(tmp_path / "r")), "permission denied")
+    proc = subprocess.run([*without_read_override(), rnngen_command(), "train", str(path), "--out",
+                           str(tmp_path / "r")], capture_output=True, text=True, timeout=120)
+    assert_clean_error(proc, "permission denied")
 
 
 def test_corpus_shorter_than_a_window(tmp_path: Path) -> None:
@@ -170,3 +183,43 @@ def test_existing_run_needs_resume(tiny_run: Path, tmp_path: Path, prose_corpus:
     before = (run / "best" / "model.safetensors").read_bytes()
     assert_clean_error(run_cli("train", str(prose_corpus), "--out", str(run)), "--resume")
     assert (run / "best" / "model.safetensors").read_bytes() == before
+
+
+BAD_LABELLED = {
+    "empty.csv": (b"", "empty"),
+    "binary.csv": (b"text,label\n\x00\x01,a\n", "NUL bytes"),
+    "utf16.csv": (codecs.BOM_UTF16_LE + "text,label\nhi,a\n".encode("utf-16-le"), "--encoding utf-16"),
+    "badrow.csv": (b"text,label\nhello,a\nworld\nagain,b\n", "line 3"),
+    "nolabel.csv": (b"text,label\nhello,\nworld,\n", "line 2: no label"),
+    "oneclass.csv": (b"text,label\nhello,a\nworld,a\n", "at least 2"),
+    "badutf8.csv": (b"text,label\nhello,a\nw\xc3\x28rld,b\n", "line 3"),
+    "nocolumn.csv": (b"words,label\nhello,a\nworld,b\n", "words"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_LABELLED))
+def test_bad_labelled_data(tmp_path: Path, name: str) -> None:
+    content, phrase = BAD_LABELLED[name]
+    path = tmp_path / name
+    path.write_bytes(content)
+    assert_clean_error(run_cli("classify", "train", str(path), "--out", str(tmp_path / "run")), phrase)
+    assert not (tmp_path / "run").exists()
+    if name == "nolabel.csv":  # skipping every row leaves nothing to learn from
+        assert_clean_error(run_cli("classify", "train", str(path), "--skip-bad-rows", "--out", str(tmp_path / "run")),
+                           "no usable rows")
+
+
+def test_bad_classify_paths_and_options(tmp_path: Path, tiny_run: Path) -> None:
+    data = tmp_path / "ok.csv"
+    data.write_text("text,label\n" + "".join(f"t{i},{'ab'[i % 2]}\n" for i in range(40)))
+    out = ["--out", str(tmp_path / "r")]
+    assert_clean_error(run_cli("classify", "train", str(tmp_path / "nope.csv"), *out), "not found")
+    assert_clean_error(run_cli("classify", "train", str(data), "--max-len", "0", *out), "--max-len")
+    assert_clean_error(run_cli("classify", "train", str(data), "--lm-weight", "-1", *out), "--lm-weight")
+    assert_clean_error(run_cli("classify", "train", str(data), "--from", str(tmp_path), *out), "not an rnngen")
+    assert_clean_error(run_cli("classify", "train", str(data), "--from", str(tiny_run), "--hidden", "64", *out),
+                       "--hidden")
+    assert_clean_error(run_cli("classify", "predict", str(tmp_path / "nope"), "text"), "not found")
+    assert_clean_error(run_cli("classify", "predict", str(tiny_run), "--file", str(tmp_path / "none.txt")),
+                       "not found")
+    assert_clean_error(run_cli("classify", "predict", str(tiny_run)), "nothing to classify")

@@ -95,6 +95,7 @@ def test_stop_scanner_holds_back_partial_matches() -> None:
 
 
 def test_one_recurrent_step_per_new_token(generator: Generator) -> None:
+    generator.fast = False  # the plain path calls the model per token (test_fastpath.py checks the fast one)
     lengths: list[int] = []
     hook = generator.model.encoder.rnn.register_forward_hook(lambda m, inp, out: lengths.append(inp[0].shape[1]))
     try:

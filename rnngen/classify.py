@@ -1,0 +1,560 @@
+"""Sequence classification on the shared encoder, trained from scratch or fine-tuned from a language model.
+
+The same run keeps the language-model head alive: an auxiliary LM loss on the labelled texts, each
+prefixed with its label's token, so the checkpoint still generates, and can generate *for a label*::
+
+    classification input:  \\n  t1 t2 ... tn              -> pooled encoder states -> class
+    LM input / targets:     <label> t1 ... tn  /  t1 ... tn \\n
+
+Like LM training, it knows nothing of the terminal: it reports through a callback, writes best/ (highest
+validation accuracy), last/ (with the state for an exact --resume) and metrics.jsonl into the run directory.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .checkpoint import (BEST, LAST, append_metrics, load_checkpoint, load_trainer_state, save_checkpoint)
+from .config import ModelConfig, _require, from_dict, to_dict
+from .errors import InputError
+from .labelled import LabelledData, read_labelled, stratified_split
+from .model import ClassifierHead, RNNModel
+from .tokenizers import Tokenizer, fit_tokenizer
+from .train import (LN2, TrainEvent, _optimizer_from_saved, _optimizer_to_saved, autocast, has_run, lr_at,
+                    resolve_device, use_bf16)
+
+
+@dataclass(frozen=True)
+class ClassifyConfig:
+    """How to train a classifier (and its auxiliary language model)."""
+
+    batch_size: int = 32
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.05
+    warmup_steps: int = 50
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    max_epochs: int = 10
+    max_steps: int | None = None
+    max_time: float | None = None
+    eval_every: int | None = None  # steps; default: once per epoch
+    patience: int | None = 3  # evaluations without a better validation accuracy
+    max_len: int = 256  # tokens of each text kept (the beginning)
+    val_fraction: float = 0.2
+    seed: int = 1337
+    balance: bool = False  # weight classes by inverse frequency
+    lm_weight: float = 0.5  # auxiliary language-model loss; 0 turns it off
+    head_dropout: float = 0.2
+    lr_decay: float = 2.6  # fine-tuning: each layer group below the top learns this much slower (ULMFiT)
+    unfreeze_every: int | None = None  # fine-tuning: unfreeze one more layer group every N steps [epoch]
+    device: str = "auto"
+    precision: str = "auto"
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "max_epochs", "max_len"):
+            _require(getattr(self, name) >= 1, f"--{name.replace('_', '-')} must be at least 1")
+        for name in ("max_steps", "eval_every", "patience", "unfreeze_every"):
+            value = getattr(self, name)
+            _require(value is None or value >= 1, f"--{name.replace('_', '-')} must be at least 1")
+        _require(math.isfinite(self.lr) and self.lr > 0, "--lr must be a positive number")
+        _require(0.0 < self.val_fraction < 1.0, "--val-fraction must be between 0 and 1")
+        _require(math.isfinite(self.lm_weight) and self.lm_weight >= 0, "--lm-weight must not be negative")
+        _require(0.0 <= self.head_dropout < 1.0, "--head-dropout must be in [0, 1)")
+        _require(self.lr_decay >= 1.0, "--lr-decay must be at least 1")
+        _require(self.max_time is None or self.max_time > 0, "--max-time must be positive")
+        _require(self.precision in ("auto", "fp32", "bf16"), "--precision must be auto, fp32 or bf16")
+
+
+# -- turning texts into padded batches ----------------------------------------------------------------
+
+def start_ids(tokenizer: Tokenizer) -> list[int]:
+    """What a classified text is read after: a newline, as if a line of the corpus were beginning."""
+    ids = [int(i) for i in tokenizer.encode("\n")]
+    return ids if ids and ids[0] != tokenizer.unk_id else []
+
+
+@dataclass
+class Encoded:
+    """Token sequences of a labelled set: classifier inputs, LM inputs (label first) and class indices."""
+
+    inputs: list[np.ndarray]
+    lm_inputs: list[np.ndarray]
+    targets: np.ndarray
+    unknown: int = 0  # characters the tokenizer could not represent
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+
+def encode_texts(tokenizer: Tokenizer, texts: Sequence[str], max_len: int) -> tuple[list[np.ndarray], int]:
+    """Classifier inputs (start token + the first tokens of each text) and the count of unknown characters."""
+    head = np.asarray(start_ids(tokenizer), dtype=np.int64)
+    seqs, unknown = [], 0
+    for text in texts:
+        ids = np.asarray(tokenizer.encode(text), dtype=np.int64)[: max_len]
+        seqs.append(np.concatenate([head, ids]) if len(ids) else np.concatenate([head, [tokenizer.unk_id]]))
+        unknown += tokenizer.count_unknown(text)
+    return seqs, unknown
+
+
+def encode_data(data: LabelledData, tokenizer: Tokenizer, model_config: ModelConfig, classes: list[str],
+                max_len: int) -> Encoded:
+    inputs, unknown = encode_texts(tokenizer, data.texts, max_len)
+    end = start_ids(tokenizer)
+    skip = len(end)  # the classifier input starts with the newline; the LM input starts with the label
+    lm_inputs = []
+    if model_config.label_tokens:
+        for seq, label in zip(inputs, data.labels):
+            lm_inputs.append(np.concatenate([[model_config.label_id(label)], seq[skip:], end]))
+    index = {c: i for i, c in enumerate(classes)}
+    return Encoded(inputs, lm_inputs, np.array([index[label] for label in data.labels]), unknown)
+
+
+def pad(seqs: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded (B, T) token ids and the lengths (B,)."""
+    lengths = torch.tensor([len(s) for s in seqs])
+    tokens = torch.zeros(len(seqs), int(lengths.max()), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        tokens[i, : len(s)] = torch.from_numpy(np.asarray(s, dtype=np.int64))
+    return tokens, lengths
+
+
+def length_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int) -> list[np.ndarray]:
+    """The batches of an epoch: shuffled, then sorted by length within pools of 50 batches (little padding).
+
+    Fixed by (seed, epoch), so a resumed run sees the batches the uninterrupted run would have seen.
+    """
+    rng = np.random.default_rng(seed * 1_000_003 + epoch)
+    order = rng.permutation(len(lengths))
+    lengths = np.asarray(lengths)
+    pool = batch_size * 50
+    batches = []
+    for start in range(0, len(order), pool):
+        chunk = order[start: start + pool]
+        chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
+        batches += [chunk[i: i + batch_size] for i in range(0, len(chunk), batch_size)]
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+# -- metrics --------------------------------------------------------------------------------------------
+
+def classification_metrics(truth: np.ndarray, predicted: np.ndarray, classes: list[str]) -> dict[str, Any]:
+    """Accuracy, macro-F1, per-class precision/recall/F1/support and the confusion matrix (rows = truth)."""
+    k = len(classes)
+    confusion = np.bincount(truth * k + predicted, minlength=k * k).reshape(k, k)
+    tp = np.diag(confusion).astype(float)
+    precision = np.divide(tp, confusion.sum(0), out=np.zeros(k), where=confusion.sum(0) > 0)
+    recall = np.divide(tp, confusion.sum(1), out=np.zeros(k), where=confusion.sum(1) > 0)
+    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros(k), where=precision + recall > 0)
+    present = confusion.sum(1) > 0  # macro-F1 over the classes that occur
+    return {"accuracy": float(tp.sum() / max(1, len(truth))),
+            "macro_f1": float(f1[present].mean()) if present.any() else 0.0,
+            "per_class": {c: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
+                              "support": int(confusion[i].sum())} for i, c in enumerate(classes)},
+            "confusion": confusion.tolist(), "classes": list(classes), "examples": int(len(truth))}
+
+
+@torch.no_grad()
+def predict_logits(model: RNNModel, seqs: Sequence[np.ndarray], device: torch.device, batch_size: int = 64,
+                   bf16: bool = False) -> torch.Tensor:
+    """Class logits (N, C) for encoded inputs, in their order (batched by length for speed)."""
+    was_training = model.training
+    model.eval()
+    order = np.argsort([len(s) for s in seqs], kind="stable")
+    out = torch.empty(len(seqs), len(model.classifier.classes))  # type: ignore[union-attr]
+    for start in range(0, len(order), batch_size):
+        idx = order[start: start + batch_size]
+        tokens, lengths = pad([seqs[i] for i in idx])
+        with autocast(device, bf16):
+            logits = model.classify(tokens.to(device), lengths)
+        out[torch.from_numpy(idx)] = logits.float().cpu()
+    model.train(was_training)
+    return out
+
+
+@torch.no_grad()
+def lm_loss(model: RNNModel, seqs: Sequence[np.ndarray], char_lengths: np.ndarray, device: torch.device,
+            batch_size: int = 64, bf16: bool = False) -> dict[str, float]:
+    """Language-model loss of label-prefixed sequences: nats/token and nats/char of the text."""
+    was_training = model.training
+    model.eval()
+    nats, tokens_seen, chars = 0.0, 0, 0
+    lengths_table = torch.from_numpy(char_lengths)
+    for start in range(0, len(seqs), batch_size):
+        tokens, lengths = pad(seqs[start: start + batch_size])
+        x, y = _lm_targets(tokens, lengths)
+        with autocast(device, bf16):
+            logits, _ = model(x.to(device))
+        nats += F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten(), ignore_index=-100,
+                                reduction="sum").item()
+        real = y[y >= 0]
+        tokens_seen += real.numel()
+        chars += int(lengths_table[real].sum())
+    model.train(was_training)
+    return {"lm_loss": nats / max(1, tokens_seen), "lm_nats_per_char": nats / max(1, chars),
+            "lm_bits_per_char": nats / max(1, chars) / LN2}
+
+
+def _lm_targets(tokens: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and next-token targets of padded sequences; padding targets are -100 (ignored)."""
+    x, y = tokens[:, :-1], tokens[:, 1:].clone()
+    y[torch.arange(y.size(1))[None, :] >= (lengths - 1)[:, None]] = -100
+    return x, y
+
+
+# -- the model's parameter groups -------------------------------------------------------------------------
+
+def layer_groups(model: RNNModel) -> list[list[torch.nn.Parameter]]:
+    """Parameters from the bottom up: embedding, each recurrent layer, then the heads."""
+    layers = model.config.layers
+    groups: list[list[torch.nn.Parameter]] = [[] for _ in range(layers + 2)]
+    for name, param in model.named_parameters():
+        if name.startswith("encoder.embedding"):
+            groups[0].append(param)
+        elif name.startswith("encoder.rnn."):
+            layer = int(name.rsplit("_l", 1)[1].split("_")[0])
+            groups[1 + layer].append(param)
+        else:
+            groups[-1].append(param)
+    return groups
+
+
+def make_grouped_optimizer(model: RNNModel, config: ClassifyConfig, fine_tune: bool,
+                           device: torch.device) -> torch.optim.AdamW:
+    """AdamW with one learning-rate scale per layer group (lower layers slower when fine-tuning)."""
+    groups = layer_groups(model)
+    param_groups = []
+    for depth, params in enumerate(reversed(groups)):
+        scale = config.lr_decay ** -depth if fine_tune else 1.0
+        decay = [p for p in params if p.ndim >= 2 and p is not model.encoder.embedding.weight]
+        rest = [p for p in params if not any(p is d for d in decay)]
+        param_groups += [{"params": decay, "weight_decay": config.weight_decay, "lr_scale": scale},
+                         {"params": rest, "weight_decay": 0.0, "lr_scale": scale}]
+    return torch.optim.AdamW([g for g in param_groups if g["params"]], lr=config.lr, betas=(0.9, 0.99),
+                             fused=device.type == "cuda")
+
+
+# -- the training loop --------------------------------------------------------------------------------------
+
+@dataclass
+class _Position:
+    step: int = 0
+    epoch: int = 0
+    index: int = 0
+    elapsed: float = 0.0
+    best_accuracy: float = -1.0
+    best_loss: float = math.inf
+    best_step: int = 0
+    evals_since_best: int = 0
+
+
+@dataclass
+class ClassifyResult:
+    run_dir: Path
+    steps: int
+    elapsed: float
+    stopped: str
+    best_val: dict[str, Any] = field(default_factory=dict)
+    last_val: dict[str, Any] = field(default_factory=dict)
+    train_loss: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"run_dir": str(self.run_dir), "steps": self.steps, "seconds": round(self.elapsed, 2),
+                "stopped": self.stopped, "train_loss": self.train_loss, "best": self.best_val,
+                "last": self.last_val}
+
+
+class ClassifierTrainer:
+    """Trains the classifier head (and the encoder, and the LM head with --lm-weight) into ``run_dir``."""
+
+    def __init__(self, model: RNNModel, tokenizer: Tokenizer, train: Encoded, val: Encoded,
+                 config: ClassifyConfig, run_dir: Path, meta: dict[str, Any], device: torch.device,
+                 fine_tune: bool, callback: Callable[[TrainEvent], None] | None = None,
+                 stop: threading.Event | None = None) -> None:
+        self.model, self.tokenizer, self.train, self.val = model.to(device), tokenizer, train, val
+        self.config, self.run_dir, self.meta, self.device, self.fine_tune = config, run_dir, meta, device, fine_tune
+        self.callback = callback or (lambda event: None)
+        self.stop = stop or threading.Event()
+        self.bf16 = use_bf16(device, config.precision)
+        self.optimizer = make_grouped_optimizer(model, config, fine_tune, device)
+        self.groups = layer_groups(model)
+        self.pos = _Position()
+        self.lengths = [len(s) for s in train.inputs]
+        self.steps_per_epoch = len(length_batches(self.lengths, config.batch_size, config.seed, 0))
+        self.max_steps = config.max_steps or config.max_epochs * self.steps_per_epoch
+        self.eval_every = config.eval_every or self.steps_per_epoch
+        self.unfreeze_every = config.unfreeze_every or self.steps_per_epoch
+        self.use_lm = config.lm_weight > 0 and bool(train.lm_inputs)
+        classes = model.classifier.classes  # type: ignore[union-attr]
+        counts = np.bincount(train.targets, minlength=len(classes)).astype(float)
+        weights = len(train) / (len(classes) * np.maximum(counts, 1)) if config.balance else np.ones(len(classes))
+        self.class_weights = torch.tensor(weights, dtype=torch.float32, device=device)
+        self.char_lengths = tokenizer.char_lengths()
+        if len(self.char_lengths) < model.config.vocab_size:  # label tokens stand for no characters
+            self.char_lengths = np.concatenate(
+                [self.char_lengths, np.zeros(model.config.vocab_size - len(self.char_lengths), self.char_lengths.dtype)])
+        self.train_loss: float | None = None
+        self.best_val: dict[str, Any] = {}
+        self.last_val: dict[str, Any] = {}
+
+    def _emit(self, kind: str, **fields: Any) -> None:
+        self.callback(TrainEvent(kind, self.pos.step, self.max_steps, self.pos.elapsed, self.config.max_time,
+                                 **fields))
+
+    def _set_trainable(self) -> None:
+        """Gradual unfreezing: the heads first, then one more layer group downwards every few steps."""
+        if not self.fine_tune:
+            return
+        unfrozen = 1 + self.pos.step // self.unfreeze_every
+        for depth, params in enumerate(reversed(self.groups)):
+            for p in params:
+                p.requires_grad_(depth < unfrozen)
+
+    def _train_step(self) -> float:
+        pos, config = self.pos, self.config
+        batches = length_batches(self.lengths, config.batch_size, config.seed, pos.epoch)
+        if pos.index >= len(batches):
+            pos.epoch, pos.index = pos.epoch + 1, 0
+            batches = length_batches(self.lengths, config.batch_size, config.seed, pos.epoch)
+        idx = batches[pos.index]
+        self._set_trainable()
+        progress = max(pos.step / self.max_steps, pos.elapsed / config.max_time if config.max_time else 0.0)
+        base = lr_at(config, pos.step, progress)  # type: ignore[arg-type]
+        for group in self.optimizer.param_groups:
+            group["lr"] = base * group["lr_scale"]
+        tokens, lengths = pad([self.train.inputs[i] for i in idx])
+        targets = torch.from_numpy(self.train.targets[idx]).to(self.device)
+        with autocast(self.device, self.bf16):
+            logits = self.model.classify(tokens.to(self.device), lengths)
+        loss = F.cross_entropy(logits.float(), targets, weight=self.class_weights)
+        if self.use_lm:
+            x, y = _lm_targets(*pad([self.train.lm_inputs[i] for i in idx]))
+            with autocast(self.device, self.bf16):
+                lm_logits, _ = self.model(x.to(self.device))
+            loss = loss + config.lm_weight * F.cross_entropy(lm_logits.float().flatten(0, 1),
+                                                             y.to(self.device).flatten(), ignore_index=-100)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip)
+        self.optimizer.step()
+        pos.step, pos.index = pos.step + 1, pos.index + 1
+        return loss.item()
+
+    def evaluate(self) -> dict[str, Any]:
+        logits = predict_logits(self.model, self.val.inputs, self.device, bf16=self.bf16)
+        classes = self.model.classifier.classes  # type: ignore[union-attr]
+        val = classification_metrics(self.val.targets, logits.argmax(1).numpy(), classes)
+        val["loss"] = float(F.cross_entropy(logits, torch.from_numpy(self.val.targets)))
+        if self.val.lm_inputs and not self.model.config.bidirectional:
+            val.update(lm_loss(self.model, self.val.lm_inputs, self.char_lengths, self.device, bf16=self.bf16))
+        return val
+
+    def _trainer_state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        groups, tensors = _optimizer_to_saved(self.optimizer)
+        tensors["rng.cpu"] = torch.get_rng_state()
+        return ({"position": vars(self.pos).copy(), "optimizer_groups": groups, "classify_config": to_dict(self.config),
+                 "fine_tune": self.fine_tune, **self.meta.get("resume", {})}, tensors)
+
+    def restore(self, state: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+        self.pos = _Position(**state["position"])
+        _optimizer_from_saved(self.optimizer, state["optimizer_groups"],
+                              {k: v.to(self.device) if not k.endswith(".step") else v for k, v in tensors.items()})
+        torch.set_rng_state(tensors["rng.cpu"])
+
+    def _meta(self) -> dict[str, Any]:
+        brief = lambda v: {k: x for k, x in v.items() if k not in ("per_class", "confusion")}  # noqa: E731
+        return {"training": {**self.meta.get("training", {}), "step": self.pos.step,
+                             "seconds": round(self.pos.elapsed, 1), "best_step": self.pos.best_step,
+                             "best_val": brief(self.best_val), "last_val": brief(self.last_val)},
+                "classify": {"max_len": self.config.max_len, "config": to_dict(self.config)}}
+
+    def save_last(self) -> None:
+        state, tensors = self._trainer_state()
+        save_checkpoint(self.run_dir / LAST, self.model, self.tokenizer, self._meta(), state, tensors)
+
+    def _evaluate_and_save(self) -> bool:
+        pos = self.pos
+        val = self.evaluate()
+        self.last_val = val
+        # Higher accuracy wins; at equal accuracy (often 1.0 on easy data) a lower loss, the LM's included,
+        # so the language model keeps improving the checkpoint that is kept.
+        total = val["loss"] + self.config.lm_weight * val.get("lm_loss", 0.0)
+        improved = (val["accuracy"], -total) > (pos.best_accuracy, -pos.best_loss)
+        if improved:
+            pos.best_accuracy, pos.best_loss, pos.best_step, pos.evals_since_best = val["accuracy"], total, pos.step, 0
+            self.best_val = val
+        else:
+            pos.evals_since_best += 1
+        record = {k: v for k, v in val.items() if not isinstance(v, (dict, list))}
+        append_metrics(self.run_dir, {"step": pos.step, "seconds": round(pos.elapsed, 2),
+                                      "train_loss": self.train_loss, **{f"val_{k}": v for k, v in record.items()}})
+        if improved:
+            save_checkpoint(self.run_dir / BEST, self.model, self.tokenizer, self._meta())
+        self.save_last()
+        self._emit("eval", val=val, loss=self.train_loss)
+        return self.config.patience is not None and pos.evals_since_best >= self.config.patience
+
+    def run(self) -> ClassifyResult:
+        config = self.config
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.pos.step == 0:
+            torch.manual_seed(config.seed)
+        self.model.train()
+        self._emit("start")
+        started = time.perf_counter() - self.pos.elapsed
+        stopped = "max_steps"
+        while self.pos.step < self.max_steps:
+            if self.stop.is_set():
+                stopped = "interrupted"
+                break
+            if config.max_time and self.pos.elapsed >= config.max_time:
+                stopped = "max_time"
+                break
+            loss = self._train_step()
+            self.pos.elapsed = time.perf_counter() - started
+            self.train_loss = loss if self.train_loss is None else 0.95 * self.train_loss + 0.05 * loss
+            self._emit("step", loss=self.train_loss, lr=self.optimizer.param_groups[0]["lr"])
+            if self.pos.step % self.eval_every == 0 and self._evaluate_and_save():
+                stopped = "early_stop"
+                break
+        if stopped == "interrupted":
+            self.save_last()
+        elif self.pos.step % self.eval_every != 0 or not self.last_val:
+            self._evaluate_and_save()
+        self._emit("end", message=stopped)
+        return ClassifyResult(self.run_dir, self.pos.step, self.pos.elapsed, stopped, self.best_val,
+                              self.last_val, self.train_loss)
+
+
+# -- assembling a run ---------------------------------------------------------------------------------------
+
+READ_OPTIONS = ("text_columns", "label_column", "header", "encoding", "skip_bad_rows", "fmt")
+
+
+def prepare_classifier(data_paths: Sequence[str], out: str | Path, base: str | None = None,
+                       resume: bool = False, bidirectional: bool = False, model_options: dict[str, Any] | None = None,
+                       tokenizer_options: dict[str, Any] | None = None, read_options: dict[str, Any] | None = None,
+                       callback: Callable[[TrainEvent], None] | None = None, stop: threading.Event | None = None,
+                       **options: Any) -> ClassifierTrainer:
+    """A ClassifierTrainer for a new run (from scratch, or fine-tuning ``base``), or resuming ``out``."""
+    run_dir = Path(out)
+    if resume:
+        return _prepare_resume(run_dir, data_paths, options, callback, stop)
+    if has_run(run_dir):
+        raise InputError(f"{run_dir} already holds a training run; pass --resume to continue it, "
+                         "or choose another --out")
+    config = ClassifyConfig(**{k: v for k, v in options.items() if v is not None})
+    read_options = {k: v for k, v in (read_options or {}).items() if v is not None}
+    data = read_labelled(list(data_paths), **read_options)
+    train_set, val_set = stratified_split(data, config.val_fraction, config.seed)
+    classes = data.classes
+    device = resolve_device(config.device)
+    torch.manual_seed(config.seed)
+    model_options = {k: v for k, v in (model_options or {}).items() if v is not None}
+    tokenizer_options = {k: v for k, v in (tokenizer_options or {}).items() if v is not None}
+    if base:
+        if bidirectional or model_options or tokenizer_options:
+            shaping = ["--" + k.replace("_", "-") for k in [*model_options, *tokenizer_options]]
+            raise InputError(f"{', '.join(shaping + ['--bidirectional'] * bidirectional)} shape a new model, but "
+                             f"--from fine-tunes {base} as it is; drop them, or train from scratch without --from")
+        model, tokenizer, base_config, _ = load_checkpoint(base, "cpu")
+        if model.config.bidirectional:
+            raise InputError(f"{base} has a bidirectional encoder; fine-tune a language model instead")
+        if model.classifier is not None and model.classifier.classes != classes:
+            del model.heads["classifier"]  # a new task: a new head
+    else:
+        tok = tokenizer_options
+        tokenizer = fit_tokenizer(iter(["\n".join(train_set.texts) + "\n"]), tok.get("tokenizer", "char"),
+                                  tok.get("vocab_size", 2000), tok.get("min_char_count", 1))
+        model = RNNModel(ModelConfig(vocab_size=tokenizer.vocab_size, bidirectional=bidirectional, **model_options))
+    if config.lm_weight > 0 and not model.config.bidirectional:
+        model = model.with_label_tokens(classes)
+    if model.classifier is None:
+        model.heads["classifier"] = ClassifierHead(model.encoder.output_size, classes, config.head_dropout)
+    train_enc = encode_data(train_set, tokenizer, model.config, classes, config.max_len)
+    val_enc = encode_data(val_set, tokenizer, model.config, classes, config.max_len)
+    meta = {"training": {"task": "classify", "data": ", ".join(str(p) for p in data_paths),
+                         "examples": len(train_set), "val_examples": len(val_set), "classes": classes,
+                         "duplicates_removed": train_set.duplicates_removed, "skipped": dict(data.skipped),
+                         "unknown_characters": train_enc.unknown + val_enc.unknown,
+                         "base": str(base) if base else None},
+            "resume": {"data": {"paths": [str(Path(p).resolve()) for p in data_paths], "read": read_options,
+                                "examples": len(data)}}}
+    return ClassifierTrainer(model, tokenizer, train_enc, val_enc, config, run_dir, meta, device,
+                             fine_tune=bool(base), callback=callback, stop=stop)
+
+
+def _prepare_resume(run_dir: Path, data_paths: Sequence[str], overrides: dict[str, Any],
+                    callback: Callable[[TrainEvent], None] | None,
+                    stop: threading.Event | None) -> ClassifierTrainer:
+    last = run_dir / LAST
+    if not (last / "config.json").is_file():
+        raise InputError(f"nothing to resume in {run_dir} (no {LAST}/ checkpoint); start a new run instead")
+    state, tensors = load_trainer_state(last)
+    if "classify_config" not in state:
+        raise InputError(f"{run_dir} is a language-model run; resume it with `rnngen train --resume`")
+    saved = state["data"]
+    paths = list(data_paths) or saved["paths"]
+    data = read_labelled(paths, **saved["read"])
+    if len(data) != saved["examples"]:
+        raise InputError("the labelled data differs from the data this run was trained on; resume with the "
+                         "same files, or start a new run with another --out")
+    config = ClassifyConfig(**{**from_dict(ClassifyConfig, state["classify_config"]).__dict__,
+                               **{k: v for k, v in overrides.items() if v is not None}})
+    device = resolve_device(config.device)
+    model, tokenizer, ckpt, _ = load_checkpoint(last, device)
+    train_set, val_set = stratified_split(data, config.val_fraction, config.seed)
+    classes = model.classifier.classes  # type: ignore[union-attr]
+    train_enc = encode_data(train_set, tokenizer, model.config, classes, config.max_len)
+    val_enc = encode_data(val_set, tokenizer, model.config, classes, config.max_len)
+    meta = {"training": {k: v for k, v in ckpt.get("training", {}).items()
+                         if k not in ("step", "seconds", "best_step", "best_val", "last_val")},
+            "resume": {"data": saved}}
+    trainer = ClassifierTrainer(model, tokenizer, train_enc, val_enc, config, run_dir, meta, device,
+                                fine_tune=state["fine_tune"], callback=callback, stop=stop)
+    trainer.restore(state, tensors)
+    trainer.best_val = dict(ckpt.get("training", {}).get("best_val") or {})
+    return trainer
+
+
+def max_len_of(checkpoint_config: dict[str, Any]) -> int:
+    """The --max-len a classifier checkpoint was trained with."""
+    return int(checkpoint_config.get("classify", {}).get("max_len", 256))
+
+
+def classify_texts(model: RNNModel, tokenizer: Tokenizer, checkpoint_config: dict[str, Any], texts: Sequence[str],
+                   device: torch.device, top: int | None = None) -> list[dict[str, Any]]:
+    """For each text: its label, the probability of that label, and the ``top`` most likely classes."""
+    if model.classifier is None:
+        raise InputError("this checkpoint has no classification head; train one with "
+                         "`rnngen classify train DATA --from CHECKPOINT`")
+    classes = model.classifier.classes
+    seqs, _ = encode_texts(tokenizer, texts, max_len_of(checkpoint_config))
+    probs = torch.softmax(predict_logits(model, seqs, device), dim=-1)
+    k = min(top or len(classes), len(classes))
+    values, indices = probs.topk(k, dim=-1)
+    return [{"label": classes[int(idx[0])], "probability": float(val[0]),
+             "top": [{"label": classes[int(i)], "probability": float(v)} for v, i in zip(val, idx)]}
+            for val, idx in zip(values, indices)]
+
+
+def evaluate_classifier(model: RNNModel, tokenizer: Tokenizer, checkpoint_config: dict[str, Any],
+                        data: LabelledData, device: torch.device) -> dict[str, Any]:
+    """Accuracy, macro-F1, per-class precision/recall and the confusion matrix of ``data``."""
+    if model.classifier is None:
+        raise InputError("this checkpoint has no classification head; train one with `rnngen classify train`")
+    classes = model.classifier.classes
+    truth = np.asarray(data.label_ids(classes))
+    seqs, unknown = encode_texts(tokenizer, data.texts, max_len_of(checkpoint_config))
+    predicted = predict_logits(model, seqs, device).argmax(1).numpy()
+    return {**classification_metrics(truth, predicted, classes), "unknown_characters": unknown}

@@ -1,0 +1,243 @@
+"""Classification on the shared encoder: masking, learning an order-dependent task, fine-tuning a language
+model, label-conditioned generation, both heads in one checkpoint, resume, and the CLI."""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import rnngen
+from rnngen.classify import classification_metrics, length_batches, pad, prepare_classifier
+from rnngen.config import ModelConfig
+from rnngen.model import ClassifierHead, RNNModel
+
+from conftest import run_cli
+
+FILL = ["the", "food", "was", "very", "a", "day", "it", "so", "and"]
+SMALL = ["--hidden", "32", "--emb-dim", "16", "--layers", "1", "--device", "cpu"]
+
+
+def order_rows(n: int, seed: int = 0) -> list[tuple[str, str]]:
+    """Pairs of texts with the same characters: "not" before "good" is negative, after it positive."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n // 2):
+        words = [rng.choice(FILL) for _ in range(rng.randint(2, 5))]
+        a, b = sorted(rng.sample(range(len(words) + 2), 2))
+        for first, second, label in (("not", "good", "negative"), ("good", "not", "positive")):
+            text = list(words)
+            text.insert(a, first)
+            text.insert(b, second)
+            rows.append((" ".join(text), label))
+    return rows
+
+
+def write_csv(path: Path, rows: list[tuple[str, str]]) -> Path:
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["text", "label"])
+        writer.writerows(rows)
+    return path
+
+
+@pytest.fixture
+def order_csv(tmp_path: Path) -> Path:
+    return write_csv(tmp_path / "order.csv", order_rows(1600))
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+@pytest.mark.parametrize("arch", ["lstm", "gru"])
+def test_padding_never_changes_a_prediction(arch: str, bidirectional: bool) -> None:
+    torch.manual_seed(0)
+    model = RNNModel(ModelConfig(vocab_size=20, arch=arch, hidden=16, emb_dim=8, layers=2,
+                                 bidirectional=bidirectional)).eval()
+    model.heads["classifier"] = ClassifierHead(model.encoder.output_size, ["a", "b", "c"], 0.0)
+    seqs = [np.array([3, 4, 5]), np.array([1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]), np.array([7])]
+    with torch.no_grad():
+        alone = [model.classify(*pad([s])) for s in seqs]
+        batched = model.classify(*pad(seqs))
+        padded_more = model.classify(torch.cat([pad(seqs)[0], torch.full((3, 5), 13)], 1), pad(seqs)[1])
+    for i, logits in enumerate(alone):
+        torch.testing.assert_close(batched[i], logits[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(padded_more[i], logits[0], atol=1e-5, rtol=1e-5)
+
+
+def test_metrics_by_hand() -> None:
+    m = classification_metrics(np.array([0, 0, 1, 1, 2]), np.array([0, 1, 1, 1, 0]), ["x", "y", "z"])
+    assert m["accuracy"] == pytest.approx(3 / 5)
+    assert m["confusion"] == [[1, 1, 0], [0, 2, 0], [1, 0, 0]]
+    assert m["per_class"]["y"] == pytest.approx({"precision": 2 / 3, "recall": 1.0, "f1": 0.8, "support": 2})
+    assert m["macro_f1"] == pytest.approx((0.5 + 0.8 + 0.0) / 3)
+
+
+def test_batches_cover_every_example_once_and_are_fixed_by_seed_and_epoch() -> None:
+    lengths = [random.Random(1).randint(1, 50) for _ in range(1000)]
+    batches = length_batches(lengths, 32, seed=3, epoch=2)
+    assert sorted(np.concatenate(batches).tolist()) == list(range(1000))
+    assert all(np.array_equal(a, b) for a, b in zip(batches, length_batches(lengths, 32, seed=3, epoch=2)))
+    assert not all(np.array_equal(a, b) for a, b in zip(batches, length_batches(lengths, 32, seed=3, epoch=3)))
+
+
+def test_learns_an_order_dependent_task_a_bag_of_characters_cannot(order_csv: Path, tmp_path: Path) -> None:
+    rows = order_rows(1600)
+    # Each negative text has a positive twin made of exactly the same characters, so any model of
+    # character counts gives both the same answer: at most 50% accuracy.
+    for (neg, _), (pos, _) in zip(rows[0::2], rows[1::2]):
+        assert sorted(neg) == sorted(pos) and neg != pos
+    trainer = prepare_classifier([str(order_csv)], tmp_path / "run", model_options={"hidden": 32, "emb_dim": 16,
+                                 "layers": 1}, max_epochs=6, lr=5e-3, device="cpu", lm_weight=0.0)
+    result = trainer.run()
+    assert result.best_val["accuracy"] >= 0.95
+    texts = ["good it was not so", "it was not good"]
+    labels = [r["label"] for r in rnngen.load(str(tmp_path / "run")).classify(texts)]
+    assert labels == ["positive", "negative"]
+
+
+def test_cli_train_predict_eval_and_label_conditioned_sampling(tmp_path: Path) -> None:
+    # Class "vowels" texts are made of a/e/o, class "consonants" of k/t/s: the label alone says what follows.
+    rng = random.Random(0)
+    rows = [("".join(rng.choice(chars) for _ in range(rng.randint(4, 9))), label)
+            for _ in range(300) for chars, label in (("aeo", "vowels"), ("kts", "consonants"))]
+    data = write_csv(tmp_path / "letters.csv", rows)
+    run = tmp_path / "run"
+    proc = run_cli("classify", "train", str(data), "--out", str(run), *SMALL, "--max-epochs", "8",
+                   "--lr", "5e-3", "--lm-weight", "1.0", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["best"]["accuracy"] >= 0.95
+    proc = run_cli("classify", "predict", str(run), "aoeeao", "tsktk", "--top", "2")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert [line.split("\t")[0] for line in lines] == ["vowels", "consonants"]
+    assert len(lines[0].split("\t")) == 5  # two (label, probability) pairs, then the text
+    proc = run_cli("classify", "predict", str(run), "-", "--json", input="oooa\n\nkkst\n")
+    assert [json.loads(line)["label"] for line in proc.stdout.splitlines()] == ["vowels", "consonants"]
+    proc = run_cli("classify", "eval", str(run), str(data), "--json")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["accuracy"] >= 0.95 and len(result["confusion"]) == 2
+    proc = run_cli("classify", "eval", str(run), str(data))
+    assert "confusion" in proc.stdout and "macro-F1" in proc.stdout
+    for label, allowed in (("vowels", set("aeo")), ("consonants", set("kts"))):
+        proc = run_cli("sample", str(run), "--label", label, "--length", "30", "--greedy")
+        assert proc.returncode == 0, proc.stderr
+        text = proc.stdout.strip()
+        assert text and set(text) <= allowed, text
+    proc = run_cli("sample", str(run), "--label", "nonsense")
+    assert proc.returncode == 2 and "vowels" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_fine_tune_a_language_model_then_sample_and_classify(tiny_run: Path, order_csv: Path, tmp_path: Path) -> None:
+    lm = rnngen.load(str(tiny_run))
+    run = tmp_path / "ft"
+    proc = run_cli("classify", "train", str(order_csv), "--from", str(tiny_run), "--out", str(run),
+                   "--max-epochs", "6", "--lr", "5e-3", "--unfreeze-every", "20", "--device", "cpu", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["best"]["accuracy"] >= 0.9
+    gen = rnngen.load(str(run))
+    assert gen.tokenizer.to_dict() == lm.tokenizer.to_dict()  # the language model's tokenizer is kept
+    assert gen.labels == gen.classes == ["negative", "positive"]
+    text = gen.sample("The ", length=80, seed=0)
+    assert len(text) == 80 and set(text) <= set(lm.tokenizer.to_dict()["chars"])
+    assert gen.classify(["it was not good"])[0]["label"] == "negative"
+    # The fine-tuned encoder moved away from the language model's (unfreezing reached the embedding).
+    assert not torch.equal(gen.model.encoder.rnn.weight_hh_l0, lm.model.encoder.rnn.weight_hh_l0)
+
+
+def test_a_checkpoint_with_both_heads_round_trips(order_csv: Path, tmp_path: Path) -> None:
+    trainer = prepare_classifier([str(order_csv)], tmp_path / "run", model_options={"hidden": 16, "emb_dim": 8,
+                                 "layers": 1}, max_steps=20, device="cpu")
+    trainer.run()
+    saved = trainer.model.state_dict()
+    gen = rnngen.load(str(tmp_path / "run" / "last"))
+    loaded = gen.model.state_dict()
+    assert any(k.startswith("heads.classifier.") for k in loaded) and "lm_head.bias" in loaded
+    for key, value in saved.items():
+        if key != "lm_head.bias":  # the generator masks label tokens out of the text vocabulary
+            assert torch.equal(value.cpu(), loaded[key]), key
+    text_vocab = gen.model.config.text_vocab_size
+    assert torch.equal(saved["lm_head.bias"][:text_vocab].cpu(), loaded["lm_head.bias"][:text_vocab])
+    assert torch.isinf(loaded["lm_head.bias"][text_vocab:]).all()
+    texts = ["not good", "good not at all"]
+    with torch.no_grad():
+        expected = torch.softmax(trainer.model.eval().classify(*pad(
+            [trainer.train.inputs[0][:1].tolist() + list(gen.tokenizer.encode(t)) for t in texts])), -1)
+    got = gen.classify(texts, top=2)
+    for probs, result in zip(expected, got):
+        assert result["probability"] == pytest.approx(float(probs.max()), abs=1e-5)
+
+
+def test_interrupted_run_resumes_exactly(order_csv: Path, tmp_path: Path) -> None:
+    options = dict(model_options={"hidden": 16, "emb_dim": 8, "layers": 1}, max_steps=60, eval_every=25,
+                   device="cpu", lm_weight=0.5)
+    straight = prepare_classifier([str(order_csv)], tmp_path / "a", **options)
+    straight.run()
+    stop = threading.Event()
+
+    def stop_at_37(event: object) -> None:
+        if getattr(event, "kind", "") == "step" and getattr(event, "step", 0) == 37:
+            stop.set()
+
+    first = prepare_classifier([str(order_csv)], tmp_path / "b", callback=stop_at_37, stop=stop, **options)
+    assert first.run().stopped == "interrupted"
+    resumed = prepare_classifier([], tmp_path / "b", resume=True)
+    assert resumed.pos.step == 37
+    resumed.run()
+    for key, value in straight.model.state_dict().items():
+        torch.testing.assert_close(resumed.model.state_dict()[key], value, atol=1e-6, rtol=1e-5)
+    a = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    b = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    assert [r["val_accuracy"] for r in a] == [r["val_accuracy"] for r in b]
+
+
+def test_bidirectional_classifies_but_refuses_to_generate(order_csv: Path, tmp_path: Path) -> None:
+    run = tmp_path / "bi"
+    proc = run_cli("classify", "train", str(order_csv), "--out", str(run), "--bidirectional", *SMALL,
+                   "--max-epochs", "4", "--lr", "5e-3", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["best"]["accuracy"] >= 0.9
+    proc = run_cli("sample", str(run))
+    assert proc.returncode == 2 and "bidirectional" in proc.stderr and "Traceback" not in proc.stderr
+    assert run_cli("classify", "predict", str(run), "it was not good").stdout.startswith("negative")
+
+
+@pytest.mark.parametrize("rows, message", [
+    ([("a text", "only")] * 5, "at least 2"),
+    ([("", "x"), ("", "y")], "empty"),
+])
+def test_unusable_data_is_a_one_line_error(rows: list[tuple[str, str]], message: str, tmp_path: Path) -> None:
+    data = write_csv(tmp_path / "bad.csv", rows)
+    proc = run_cli("classify", "train", str(data), "--out", str(tmp_path / "run"), *SMALL)
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr and "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+
+
+def test_classify_on_a_plain_language_model_says_what_to_do(tiny_run: Path) -> None:
+    proc = run_cli("classify", "predict", str(tiny_run), "some text")
+    assert proc.returncode == 2 and "classify train" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_chat_label_and_classify_commands(order_csv: Path, tmp_path: Path) -> None:
+    from rnngen.chat import ChatSession, Info, Notice, Problem
+    from rnngen.config import SampleConfig
+
+    trainer = prepare_classifier([str(order_csv)], tmp_path / "run", model_options={"hidden": 32, "emb_dim": 16,
+                                 "layers": 1}, max_epochs=4, lr=5e-3, device="cpu")
+    trainer.run()
+    gen = rnngen.load(str(tmp_path / "run"))
+    session = ChatSession(gen, SampleConfig(length=10, seed=0))
+    assert list(session.handle("/label")) == [Info("labels: negative, positive")]
+    assert isinstance(next(iter(session.handle("/label angry"))), Problem)
+    assert [type(e) for e in session.handle("/label positive")] == [Notice]
+    expected = gen.start(label="positive")
+    assert torch.equal(session.cursor.logits, expected.logits)  # the conversation starts from the label token
+    (info,) = session.handle("/classify good it was not")
+    assert isinstance(info, Info) and info.text.startswith("positive")
