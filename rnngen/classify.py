@@ -290,7 +290,8 @@ class ClassifierTrainer:
         self.groups = layer_groups(model)
         self.pos = _Position()
         self.lengths = [len(s) for s in train.inputs]
-        self.steps_per_epoch = len(length_batches(self.lengths, config.batch_size, config.seed, 0))
+        self._epoch_batches: tuple[int, list[np.ndarray]] = (-1, [])
+        self.steps_per_epoch = len(self._batches(0))
         self.max_steps = config.max_steps or config.max_epochs * self.steps_per_epoch
         self.eval_every = config.eval_every or self.steps_per_epoch
         self.unfreeze_every = config.unfreeze_every or self.steps_per_epoch
@@ -320,13 +321,18 @@ class ClassifierTrainer:
             for p in params:
                 p.requires_grad_(depth < unfrozen)
 
+    def _batches(self, epoch: int) -> list[np.ndarray]:
+        """The batches of ``epoch`` (computed once per epoch, not per step)."""
+        if self._epoch_batches[0] != epoch:
+            self._epoch_batches = (epoch, length_batches(self.lengths, self.config.batch_size, self.config.seed,
+                                                         epoch))
+        return self._epoch_batches[1]
+
     def _train_step(self) -> float:
         pos, config = self.pos, self.config
-        batches = length_batches(self.lengths, config.batch_size, config.seed, pos.epoch)
-        if pos.index >= len(batches):
+        if pos.index >= len(self._batches(pos.epoch)):
             pos.epoch, pos.index = pos.epoch + 1, 0
-            batches = length_batches(self.lengths, config.batch_size, config.seed, pos.epoch)
-        idx = batches[pos.index]
+        idx = self._batches(pos.epoch)[pos.index]
         self._set_trainable()
         progress = max(pos.step / self.max_steps, pos.elapsed / config.max_time if config.max_time else 0.0)
         base = lr_at(config, pos.step, progress)  # type: ignore[arg-type]
