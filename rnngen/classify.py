@@ -25,12 +25,12 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoint import (BEST, LAST, append_metrics, load_checkpoint, load_trainer_state, save_checkpoint)
-from .config import ModelConfig, _require, from_dict, to_dict
+from .config import ModelConfig, from_dict, require, to_dict
 from .errors import InputError
 from .labelled import LabelledData, read_labelled, stratified_split
 from .model import ClassifierHead, RNNModel
 from .tokenizers import Tokenizer, fit_tokenizer
-from .train import (LN2, TrainEvent, _optimizer_from_saved, _optimizer_to_saved, autocast, has_run, lr_at,
+from .train import (LN2, TrainEvent, optimizer_from_saved, optimizer_to_saved, autocast, has_run, lr_at,
                     resolve_device, use_bf16)
 
 
@@ -62,17 +62,17 @@ class ClassifyConfig:
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "max_epochs", "max_len"):
-            _require(getattr(self, name) >= 1, f"--{name.replace('_', '-')} must be at least 1")
+            require(getattr(self, name) >= 1, f"--{name.replace('_', '-')} must be at least 1")
         for name in ("max_steps", "eval_every", "patience", "unfreeze_every"):
             value = getattr(self, name)
-            _require(value is None or value >= 1, f"--{name.replace('_', '-')} must be at least 1")
-        _require(math.isfinite(self.lr) and self.lr > 0, "--lr must be a positive number")
-        _require(0.0 < self.val_fraction < 1.0, "--val-fraction must be between 0 and 1")
-        _require(math.isfinite(self.lm_weight) and self.lm_weight >= 0, "--lm-weight must not be negative")
-        _require(0.0 <= self.head_dropout < 1.0, "--head-dropout must be in [0, 1)")
-        _require(self.lr_decay >= 1.0, "--lr-decay must be at least 1")
-        _require(self.max_time is None or self.max_time > 0, "--max-time must be positive")
-        _require(self.precision in ("auto", "fp32", "bf16"), "--precision must be auto, fp32 or bf16")
+            require(value is None or value >= 1, f"--{name.replace('_', '-')} must be at least 1")
+        require(math.isfinite(self.lr) and self.lr > 0, "--lr must be a positive number")
+        require(0.0 < self.val_fraction < 1.0, "--val-fraction must be between 0 and 1")
+        require(math.isfinite(self.lm_weight) and self.lm_weight >= 0, "--lm-weight must not be negative")
+        require(0.0 <= self.head_dropout < 1.0, "--head-dropout must be in [0, 1)")
+        require(self.lr_decay >= 1.0, "--lr-decay must be at least 1")
+        require(self.max_time is None or self.max_time > 0, "--max-time must be positive")
+        require(self.precision in ("auto", "fp32", "bf16"), "--precision must be auto, fp32 or bf16")
 
 
 # -- turning texts into padded batches ----------------------------------------------------------------
@@ -366,15 +366,14 @@ class ClassifierTrainer:
         return val
 
     def _trainer_state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-        groups, tensors = _optimizer_to_saved(self.optimizer)
+        groups, tensors = optimizer_to_saved(self.optimizer)
         tensors["rng.cpu"] = torch.get_rng_state()
         return ({"position": vars(self.pos).copy(), "optimizer_groups": groups, "classify_config": to_dict(self.config),
                  "fine_tune": self.fine_tune, **self.meta.get("resume", {})}, tensors)
 
     def restore(self, state: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
         self.pos = _Position(**state["position"])
-        _optimizer_from_saved(self.optimizer, state["optimizer_groups"],
-                              {k: v.to(self.device) if not k.endswith(".step") else v for k, v in tensors.items()})
+        optimizer_from_saved(self.optimizer, state["optimizer_groups"], tensors, self.device)
         torch.set_rng_state(tensors["rng.cpu"])
 
     def _meta(self) -> dict[str, Any]:
@@ -443,9 +442,6 @@ class ClassifierTrainer:
 
 
 # -- assembling a run ---------------------------------------------------------------------------------------
-
-READ_OPTIONS = ("text_columns", "label_column", "header", "encoding", "skip_bad_rows", "fmt")
-
 
 def prepare_classifier(data_paths: Sequence[str], out: str | Path, base: str | None = None,
                        resume: bool = False, bidirectional: bool = False, model_options: dict[str, Any] | None = None,

@@ -24,7 +24,7 @@ def to_dict(config: Any) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
-def _require(ok: bool, message: str) -> None:
+def require(ok: bool, message: str) -> None:
     if not ok:
         raise InputError(message)
 
@@ -47,15 +47,15 @@ class ModelConfig:
     label_tokens: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        _require(self.arch in ARCHS, f"unknown architecture {self.arch!r}: use one of {', '.join(ARCHS)}")
-        _require(self.vocab_size >= 2, "the vocabulary needs at least 2 symbols: use a longer corpus")
-        _require(self.layers >= 1, "--layers must be at least 1")
-        _require(self.hidden >= 1, "--hidden must be at least 1")
-        _require(self.emb_dim >= 1, "--emb-dim must be at least 1")
+        require(self.arch in ARCHS, f"unknown architecture {self.arch!r}: use one of {', '.join(ARCHS)}")
+        require(self.vocab_size >= 2, "the vocabulary needs at least 2 symbols: use a longer corpus")
+        require(self.layers >= 1, "--layers must be at least 1")
+        require(self.hidden >= 1, "--hidden must be at least 1")
+        require(self.emb_dim >= 1, "--emb-dim must be at least 1")
         for name in ("dropout", "emb_dropout"):
             value = getattr(self, name)
-            _require(0.0 <= value < 1.0, f"--{name.replace('_', '-')} must be in [0, 1), got {value}")
-        _require(not self.tie_weights or self.emb_dim == self.hidden,
+            require(0.0 <= value < 1.0, f"--{name.replace('_', '-')} must be in [0, 1), got {value}")
+        require(not self.tie_weights or self.emb_dim == self.hidden,
                  "--tie-weights needs --emb-dim equal to --hidden")
         object.__setattr__(self, "label_tokens", tuple(self.label_tokens))  # JSON gives a list
 
@@ -93,17 +93,17 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "seq_len", "max_steps", "eval_every"):
-            _require(getattr(self, name) >= 1, f"--{name.replace('_', '-')} must be at least 1")
-        _require(self.warmup_steps >= 0, "--warmup-steps must not be negative")
-        _require(math.isfinite(self.lr) and self.lr > 0, "--lr must be a positive number")
-        _require(self.grad_clip > 0, "--grad-clip must be positive")
-        _require(self.weight_decay >= 0, "--weight-decay must not be negative")
-        _require(0.0 < self.val_fraction < 1.0, "--val-fraction must be between 0 and 1")
-        _require(self.max_time is None or self.max_time > 0, "--max-time must be positive")
-        _require(self.patience is None or self.patience >= 1, "--patience must be at least 1")
-        _require(self.save_every is None or self.save_every >= 1, "--save-every must be at least 1")
-        _require(self.precision in ("auto", "fp32", "bf16"), "--precision must be auto, fp32 or bf16")
-        _require(self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:"),
+            require(getattr(self, name) >= 1, f"--{name.replace('_', '-')} must be at least 1")
+        require(self.warmup_steps >= 0, "--warmup-steps must not be negative")
+        require(math.isfinite(self.lr) and self.lr > 0, "--lr must be a positive number")
+        require(self.grad_clip > 0, "--grad-clip must be positive")
+        require(self.weight_decay >= 0, "--weight-decay must not be negative")
+        require(0.0 < self.val_fraction < 1.0, "--val-fraction must be between 0 and 1")
+        require(self.max_time is None or self.max_time > 0, "--max-time must be positive")
+        require(self.patience is None or self.patience >= 1, "--patience must be at least 1")
+        require(self.save_every is None or self.save_every >= 1, "--save-every must be at least 1")
+        require(self.precision in ("auto", "fp32", "bf16"), "--precision must be auto, fp32 or bf16")
+        require(self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:"),
                  f"unknown device {self.device!r}: use auto, cpu, cuda or mps")
 
 
@@ -120,10 +120,10 @@ class SampleConfig:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        _require(math.isfinite(self.temperature) and self.temperature > 0,
+        require(math.isfinite(self.temperature) and self.temperature > 0,
                  f"temperature must be a positive number, got {self.temperature}")
-        _require(self.top_k is None or self.top_k >= 1, f"top-k must be at least 1, got {self.top_k}")
-        _require(self.top_p is None or (math.isfinite(self.top_p) and 0.0 < self.top_p <= 1.0),
+        require(self.top_k is None or self.top_k >= 1, f"top-k must be at least 1, got {self.top_k}")
+        require(self.top_p is None or (math.isfinite(self.top_p) and 0.0 < self.top_p <= 1.0),
                  f"top-p must be in (0, 1], got {self.top_p}")
-        _require(self.length >= 0, f"length must not be negative, got {self.length}")
-        _require(all(self.stop), "a stop string must not be empty")
+        require(self.length >= 0, f"length must not be negative, got {self.length}")
+        require(all(self.stop), "a stop string must not be empty")

@@ -147,7 +147,7 @@ def make_optimizer(model: RNNModel, config: TrainConfig, device: torch.device) -
     return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.99), fused=fused)
 
 
-def _optimizer_to_saved(opt: torch.optim.Optimizer) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor]]:
+def optimizer_to_saved(opt: torch.optim.Optimizer) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor]]:
     sd = opt.state_dict()
     tensors = {f"optim.{idx}.{key}": value for idx, st in sd["state"].items() for key, value in st.items()
                if torch.is_tensor(value)}
@@ -155,13 +155,14 @@ def _optimizer_to_saved(opt: torch.optim.Optimizer) -> tuple[list[dict[str, Any]
     return groups, tensors
 
 
-def _optimizer_from_saved(opt: torch.optim.Optimizer, groups: list[dict[str, Any]],
-                          tensors: dict[str, torch.Tensor]) -> None:
+def optimizer_from_saved(opt: torch.optim.Optimizer, groups: list[dict[str, Any]],
+                         tensors: dict[str, torch.Tensor], device: torch.device) -> None:
+    """Restore what ``optimizer_to_saved`` kept; moments go to ``device``, step counts stay on the CPU."""
     state: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         if key.startswith("optim."):
             _, idx, name = key.split(".", 2)
-            state.setdefault(int(idx), {})[name] = value
+            state.setdefault(int(idx), {})[name] = value if name == "step" else value.to(device)
     for g in groups:
         if "betas" in g:
             g["betas"] = tuple(g["betas"])
@@ -225,7 +226,7 @@ class Trainer:
     # -- saving and restoring -------------------------------------------------------------------
     def _trainer_state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         """What resuming needs, the RNG states and carried state of every rank included (a collective)."""
-        groups, tensors = _optimizer_to_saved(self.optimizer)
+        groups, tensors = optimizer_to_saved(self.optimizer)
         rngs = {"cpu": torch.get_rng_state()}
         if self.device.type == "cuda":
             rngs["cuda"] = torch.cuda.get_rng_state(self.device)
@@ -241,8 +242,7 @@ class Trainer:
     def restore(self, state: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
         """Continue from a saved trainer state (see ``_trainer_state``)."""
         self.pos = _Position(**state["position"])
-        _optimizer_from_saved(self.optimizer, state["optimizer_groups"],
-                              {k: v.to(self.device) if not k.endswith(".step") else v for k, v in tensors.items()})
+        optimizer_from_saved(self.optimizer, state["optimizer_groups"], tensors, self.device)
         rank = self.dist.rank
         if _rng_key("cpu", rank) in tensors:
             torch.set_rng_state(tensors[_rng_key("cpu", rank)])
