@@ -13,6 +13,7 @@ files and talks to the user.
 
 from __future__ import annotations
 
+import gc
 import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager
@@ -155,8 +156,13 @@ def session() -> Iterator[Dist]:
         tdist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo", timeout=timeout)
     try:
         yield Dist(rank, local_rank, world_size, enabled=True)
+        if created:
+            tdist.barrier()  # no rank tears the group down while another still uses it
     finally:
         if created:
+            # Objects that still hold the group (a DDP wrapper) go first; the group's worker threads
+            # must end now, not during interpreter shutdown, where they abort the process.
+            gc.collect()
             tdist.destroy_process_group()
 
 

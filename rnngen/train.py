@@ -347,10 +347,19 @@ class Trainer:
         return config.patience is not None and pos.evals_since_best >= config.patience
 
     def run(self) -> TrainResult:
-        config, pos = self.config, self.pos
+        """Train until max steps, max time, early stopping or a stop request; the last state is saved."""
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         self.net = self.dist.wrap(self.model, self.device)
+        try:
+            return self._run_loop()
+        finally:
+            # DDP holds the process group: let it go now, so that the group's threads end when the
+            # session destroys it, not while the interpreter shuts down (an abort in gloo).
+            self.net = self.model
+
+    def _run_loop(self) -> TrainResult:
+        config, pos = self.config, self.pos
         if pos.step == 0:  # a resumed run restored its RNG state instead
             torch.manual_seed(config.seed + self.dist.rank)  # each rank its own dropout masks
         self.model.train()
