@@ -5,7 +5,8 @@
    share for early stopping), optionally fine-tuning a language model first trained on the same names.
 3. `rnngen classify eval` on the 20% test split: accuracy and macro-F1 (majority class: Russian).
 4. The same checkpoint generates 200 names per language with `--label` (languages with >= 200 training
-   names); its own classifier head labels them; report the share given the requested label.
+   names), with each `--guidance` value; its own classifier head labels them; report the share given
+   the requested label, and the shares of distinct names and of names not in the training set.
 
     python benchmarks/classify_names.py [--from-lm] [-- extra `classify train` options]
 """
@@ -45,6 +46,7 @@ def main() -> None:
     parser.add_argument("--lm-steps", type=int, default=1500)
     parser.add_argument("--per-label", type=int, default=200)
     parser.add_argument("--temperature", type=float, default=0.7, help="sampling temperature of generated names")
+    parser.add_argument("--guidance", default="1,2", help="guidance values to generate with, comma-separated")
     parser.add_argument("--compare-lm-weight", action="store_true",
                         help="with --from-lm: also fine-tune with --lm-weight 0 and compare the language-model loss "
                              "on the names the LM held out")
@@ -83,23 +85,31 @@ def main() -> None:
             lm_loss["fine_tuned_lm_weight_0_test_accuracy"] = round(json.loads(rnngen(
                 "classify", "eval", str(root / "cls0"), str(test), "--json"))["accuracy"], 4)
     result = json.loads(rnngen("classify", "eval", str(run), str(test), "--json"))
-    # Label-conditioned generation, judged by the same checkpoint's classifier.
-    agreement = {}
+    # Label-conditioned generation, judged by the same checkpoint's classifier: for each guidance value,
+    # the share given the requested label, and how many names are distinct and not in the training set.
     gen = api.load(str(run))
-    for label in sorted(label for label, n in counts.items() if n >= 200):
-        names = [gen.sample(label=label, length=30, seed=i, temperature=args.temperature).strip()
-                 for i in range(args.per_label)]
-        names = [n for n in names if n]
-        predicted = [r["label"] for r in gen.classify(names)]
-        agreement[label] = sum(p == label for p in predicted) / max(1, len(predicted))
+    seen = {line.split("\t")[0] for line in train.read_text(encoding="utf-8").splitlines()[1:]}
+    generation = {}
+    for guidance in (float(g) for g in args.guidance.split(",")):
+        agreement, distinct, novel = {}, [], []
+        for label in sorted(label for label, n in counts.items() if n >= 200):
+            names = [n.strip() for n in gen.sample_many(args.per_label, label=label, length=30, seed=0,
+                                                         temperature=args.temperature, guidance=guidance)]
+            names = [n for n in names if n]
+            predicted = [r["label"] for r in gen.classify(names)]
+            agreement[label] = round(sum(p == label for p in predicted) / max(1, len(predicted)), 3)
+            distinct.append(len(set(names)) / max(1, len(names)))
+            novel.append(sum(n not in seen for n in names) / max(1, len(names)))
+        generation[f"guidance_{guidance:g}"] = {
+            "label_agreement": agreement, "label_agreement_mean": round(sum(agreement.values()) / len(agreement), 4),
+            "distinct_share": round(sum(distinct) / len(distinct), 3), "novel_share": round(sum(novel) / len(novel), 3)}
     report = {"benchmark": "classify_names", "split_seed": args.seed, "from_lm": args.from_lm,
               "options": args.extra, "lm_options": args.lm_options,
               "temperature": args.temperature, "train_seconds": round(train_seconds, 1),
               "test_accuracy": round(result["accuracy"], 4), "test_macro_f1": round(result["macro_f1"], 4),
               "test_examples": result["examples"],
               "majority_share": round(max(counts.values()) / sum(counts.values()), 4),
-              "label_agreement": {k: round(v, 3) for k, v in agreement.items()},
-              "label_agreement_mean": round(sum(agreement.values()) / max(1, len(agreement)), 4),
+              "generation": generation,
               "lm_held_out_nats_per_char": lm_loss}
     save("classify_names", report)
     print(json.dumps(report, indent=2))

@@ -188,7 +188,7 @@ class ChatSession:
 
     def snapshot(self) -> Cursor:
         """A copy of the current cursor (the recurrent state and the next-token logits)."""
-        return Cursor(self.cursor.state, self.cursor.logits)
+        return self.cursor.copy()
 
     def handle(self, text: str) -> Iterator[Event]:
         """Events answering one input: a slash command, or a line of the conversation."""
@@ -324,7 +324,7 @@ class ChatSession:
             yield Problem("nothing to undo")
             return
         cursor, count = self.undo_stack.pop()
-        self.cursor = Cursor(cursor.state, cursor.logits)
+        self.cursor = cursor.copy()
         dropped = self.turns[count:]
         del self.turns[count:]
         yield Notice(f"forgot: {_preview(dropped[0].user) if dropped else '(nothing)'}")

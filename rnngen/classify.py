@@ -54,6 +54,9 @@ class ClassifyConfig:
     seed: int = 1337
     balance: bool = False  # weight classes by inverse frequency
     lm_weight: float = 0.5  # auxiliary language-model loss; 0 turns it off
+    # Share of LM texts read without their label (after a newline instead), so that the model also
+    # knows unlabelled text: what classifier-free guidance (`sample --guidance`) contrasts the label with.
+    label_dropout: float = 0.1
     head_dropout: float = 0.2
     lr_decay: float = 2.6  # fine-tuning: each layer group below the top learns this much slower (ULMFiT)
     unfreeze_every: int | None = None  # fine-tuning: unfreeze one more layer group every N steps [epoch]
@@ -69,6 +72,7 @@ class ClassifyConfig:
         require(math.isfinite(self.lr) and self.lr > 0, "--lr must be a positive number")
         require(0.0 < self.val_fraction < 1.0, "--val-fraction must be between 0 and 1")
         require(math.isfinite(self.lm_weight) and self.lm_weight >= 0, "--lm-weight must not be negative")
+        require(0.0 <= self.label_dropout < 1.0, "--label-dropout must be in [0, 1)")
         require(0.0 <= self.head_dropout < 1.0, "--head-dropout must be in [0, 1)")
         require(self.lr_decay >= 1.0, "--lr-decay must be at least 1")
         require(self.max_time is None or self.max_time > 0, "--max-time must be positive")
@@ -290,7 +294,8 @@ class ClassifierTrainer:
         self.groups = layer_groups(model)
         self.pos = _Position()
         self.lengths = [len(s) for s in train.inputs]
-        self._epoch_batches: tuple[int, list[np.ndarray]] = (-1, [])
+        self._epoch_batches: tuple[int, list[np.ndarray], np.ndarray] = (-1, [], np.zeros(0, bool))
+        self.unlabelled_start = np.asarray(start_ids(tokenizer), dtype=np.int64)
         self.steps_per_epoch = len(self._batches(0))
         self.max_steps = config.max_steps or config.max_epochs * self.steps_per_epoch
         self.eval_every = config.eval_every or self.steps_per_epoch
@@ -324,9 +329,18 @@ class ClassifierTrainer:
     def _batches(self, epoch: int) -> list[np.ndarray]:
         """The batches of ``epoch`` (computed once per epoch, not per step)."""
         if self._epoch_batches[0] != epoch:
-            self._epoch_batches = (epoch, length_batches(self.lengths, self.config.batch_size, self.config.seed,
-                                                         epoch))
+            batches = length_batches(self.lengths, self.config.batch_size, self.config.seed, epoch)
+            # Which LM texts this epoch reads without their label: fixed by (seed, epoch), as the batches.
+            rng = np.random.default_rng([self.config.seed, epoch, 1])
+            unlabelled = rng.random(len(self.lengths)) < self.config.label_dropout
+            self._epoch_batches = (epoch, batches, unlabelled & bool(len(self.unlabelled_start)))
         return self._epoch_batches[1]
+
+    def _lm_inputs(self, idx: np.ndarray) -> list[np.ndarray]:
+        """The LM texts of a batch: the label token first, or for the epoch's unlabelled share a newline."""
+        unlabelled = self._epoch_batches[2]
+        return [np.concatenate([self.unlabelled_start, self.train.lm_inputs[i][1:]]) if unlabelled[i]
+                else self.train.lm_inputs[i] for i in idx]
 
     def _train_step(self) -> float:
         pos, config = self.pos, self.config
@@ -344,7 +358,7 @@ class ClassifierTrainer:
             logits = self.model.classify(tokens.to(self.device), lengths)
         loss = F.cross_entropy(logits.float(), targets, weight=self.class_weights)
         if self.use_lm:
-            x, y = _lm_targets(*pad([self.train.lm_inputs[i] for i in idx]))
+            x, y = _lm_targets(*pad(self._lm_inputs(idx)))
             with autocast(self.device, self.bf16):
                 lm_logits, _ = self.model(x.to(self.device))
             loss = loss + config.lm_weight * F.cross_entropy(lm_logits.float().flatten(0, 1),

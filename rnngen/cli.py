@@ -269,12 +269,15 @@ def _default_out(corpus: tuple[str, ...], suffix: str = "") -> str:
 @click.option("--seed", type=int, help="Same seed, same text.")
 @click.option("--label", help="Generate for this label (models trained on labelled data; ends at a newline "
                               "unless --stop says otherwise).")
+@click.option("--guidance", type=click.FloatRange(min=0), default=1.0, show_default=True,
+              help="With --label: above 1, texts more typical of the label (classifier-free guidance; "
+                   "needs a model trained with --label-dropout, the default).")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--json", "as_json", is_flag=True,
               help='Print the samples as one JSON list of {"temperature", "text"} (the text starts with the prompt).')
 def sample(checkpoint: str, prompt: str, length: int, temperature: tuple[float, ...], top_k: int | None,
            top_p: float | None, greedy: bool, num_samples: int, stop: tuple[str, ...], seed: int | None,
-           label: str | None, device: str, as_json: bool) -> None:
+           label: str | None, guidance: float, device: str, as_json: bool) -> None:
     """Generate text from a trained CHECKPOINT, streaming it to stdout.
 
     Several samples (--num-samples, or several -t) are printed one after another, a blank line apart,
@@ -298,15 +301,16 @@ def sample(checkpoint: str, prompt: str, length: int, temperature: tuple[float, 
     stops = tuple(unescape(s) for s in stop) or (LABELLED_END if label is not None else ())
     configs = [SampleConfig(t, top_k, top_p, greedy, length, stops, seed) for t in temperatures]
     rng = make_generator(seed, gen.device)  # one stream of randomness across all samples
+    start = lambda: gen.start(prompt, label, guidance)  # noqa: E731 (a fresh cursor for each sample)
     if as_json:
         click.echo(json.dumps([{"temperature": c.temperature, "text": prompt + text} for c in configs
-                               for text in gen.continue_many(gen.start(prompt, label), num_samples, c, rng)]))
+                               for text in gen.continue_many(start(), num_samples, c, rng)]))
         return
     many, shown = len(configs) * num_samples > 1, 0
     for config in configs:
         # One sample streams as it is generated; several are generated together, as one batch.
-        samples = ([gen.continue_from(gen.start(prompt, label), config, rng)] if num_samples == 1 else
-                   [[text] for text in gen.continue_many(gen.start(prompt, label), num_samples, config, rng)])
+        samples = ([gen.continue_from(start(), config, rng)] if num_samples == 1 else
+                   [[text] for text in gen.continue_many(start(), num_samples, config, rng)])
         for i, pieces in enumerate(samples):
             if many:
                 if shown:
@@ -641,6 +645,8 @@ def classify() -> None:
 @click.option("--balance", is_flag=True, default=None, help="Weight classes by inverse frequency.")
 @click.option("--lm-weight", type=float, help="Weight of the auxiliary language-model loss on the texts, which "
                                               "keeps the model generating (0 = off) [default: 0.5].")
+@click.option("--label-dropout", type=float, help="Share of the language-model texts read without their label, "
+                                                  "so that `sample --guidance` works [default: 0.1].")
 @click.option("--head-dropout", type=float, help="Dropout before the classifier [default: 0.2].")
 @click.option("--seed", type=int, help="Random seed (also fixes the split) [default: 1337].")
 @click.option("--device", help="auto, cpu, cuda or mps [default: auto].")

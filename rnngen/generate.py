@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -112,10 +113,30 @@ def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
 
 @dataclass
 class Cursor:
-    """Where a text stream stands: the recurrent state and the logits for the next token."""
+    """Where a text stream stands: the recurrent state and the logits for the next token.
+
+    A cursor started for a label with ``guidance`` g != 1 also carries ``free``, the same text read
+    without the label; each next token is then drawn from the label's log-probabilities pushed away
+    from the unlabelled ones: log p(x | label) + (g - 1) * (log p(x | label) - log p(x))
+    (classifier-free guidance, Ho & Salimans 2022; Sanchez et al. 2023 for language models).
+    """
 
     state: State | None
     logits: torch.Tensor  # (1, V)
+    free: Cursor | None = None
+    guidance: float = 1.0
+
+    def copy(self) -> Cursor:
+        """A cursor at the same place that advances independently (states are replaced, never modified)."""
+        free = self.free.copy() if self.free is not None else None
+        return Cursor(self.state, self.logits, free, self.guidance)
+
+
+def guided_logits(logits: torch.Tensor, free: torch.Tensor, guidance: float) -> torch.Tensor:
+    """Log-probabilities for classifier-free guidance (see ``Cursor``); tokens the label excludes stay excluded."""
+    cond, uncond = torch.log_softmax(logits.float(), -1), torch.log_softmax(free.float(), -1)
+    mixed = cond + (guidance - 1.0) * (cond - uncond)
+    return mixed.masked_fill(torch.isneginf(cond) | mixed.isnan(), float("-inf"))
 
 
 class Generator:
@@ -195,9 +216,22 @@ class Generator:
         logits, state = self.model(x, state)
         return Cursor(state, logits[:, -1])
 
-    def start(self, prompt: str = "", label: str | None = None) -> Cursor:
-        """A cursor after ``prompt`` (after the label's token first, when ``label`` is given)."""
-        return self.feed(self._start_ids(prompt, label))
+    def start(self, prompt: str = "", label: str | None = None, guidance: float = 1.0) -> Cursor:
+        """A cursor after ``prompt`` (after the label's token first, when ``label`` is given).
+
+        ``guidance`` > 1 strengthens the label (see ``Cursor``): the text is also read from where an
+        unlabelled example begins, which models trained with ``--label-dropout`` know.
+        """
+        if not (math.isfinite(guidance) and guidance >= 0):
+            raise InputError(f"guidance must be a number >= 0 (1 is plain sampling), got {guidance}")
+        cursor = self.feed(self._start_ids(prompt, label))
+        if guidance != 1.0:
+            if label is None:
+                raise InputError("guidance strengthens a label: give --label too")
+            # Unlabelled, a text starts where a paragraph does (as in training): after a newline.
+            prompt_ids = [int(i) for i in self.tokenizer.encode(prompt)] if prompt else []
+            cursor.free, cursor.guidance = self.feed(self._start_ids("") + prompt_ids), guidance
+        return cursor
 
     def continue_from(self, cursor: Cursor, config: SampleConfig,
                       generator: torch.Generator | None = None) -> Iterator[str]:
@@ -251,12 +285,15 @@ class Generator:
         With ``track`` (n == 1) the cursor is moved past each token before its id is yielded, so it is whole
         whenever the caller has control. On CUDA, long runs go through a CUDA graph, in blocks of tokens.
         """
-        state = cursor.state or self.model.encoder.initial_state(1, self.device)
-        logits = cursor.logits.expand(n, -1)
-        if n > 1:
-            state = tuple(s.expand(-1, n, -1).contiguous() for s in state)
+        guided = cursor.free is not None
+        state, logits = self._expanded(cursor, n)
+        if cursor.free is not None:  # n more streams read the same tokens without the label
+            free_state, free_logits = self._expanded(cursor.free, n)
+            state = tuple(torch.cat(pair, dim=1) for pair in zip(state, free_state))
+            logits = torch.cat([logits, free_logits])
         key = (n, config.greedy, config.temperature, config.top_k, config.top_p, track)
-        sampler = self._graph_sampler(key, state, logits) if config.length > GRAPH_BLOCK else None
+        long_run = config.length > GRAPH_BLOCK and not guided
+        sampler = self._graph_sampler(key, state, logits) if long_run else None
         if sampler is not None:
             try:
                 block = sampler.block
@@ -272,19 +309,31 @@ class Generator:
             return
         fast = self.fast and self.device.type in FAST_DEVICES
         with torch.inference_mode():
-            streams = self.stepper().streams(state, n) if fast else None
+            streams = self.stepper().streams(state, len(logits)) if fast else None
         for _ in range(config.length):
             with torch.inference_mode():  # for each step's work alone: never while the caller has control
-                tokens = pick_tokens(logits, config, generator)  # (n,)
+                scores = guided_logits(logits[:n], logits[n:], cursor.guidance) if guided else logits
+                tokens = pick_tokens(scores, config, generator)  # (n,)
+                fed = tokens.repeat(2) if guided else tokens
                 if streams is None:
-                    logits, state = self._model_step(tokens, state)
+                    logits, state = self._model_step(fed, state)
                 else:
-                    logits = streams.advance(tokens)
+                    logits = streams.advance(fed)
                     state = streams.state() if track else state
                 ids = tokens.tolist()
-            if track:
+            if track and cursor.free is not None:
+                cursor.state, cursor.logits = tuple(s[:, :1] for s in state), logits[:1]
+                cursor.free.state, cursor.free.logits = tuple(s[:, 1:] for s in state), logits[1:]
+            elif track:
                 cursor.state, cursor.logits = state, logits
             yield ids
+
+    def _expanded(self, cursor: Cursor, n: int) -> tuple[State, torch.Tensor]:
+        """The cursor's state and logits repeated for ``n`` streams."""
+        state = cursor.state or self.model.encoder.initial_state(1, self.device)
+        if n > 1:
+            state = tuple(s.expand(-1, n, -1).contiguous() for s in state)
+        return state, cursor.logits.expand(n, -1)
 
     def _model_step(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         """The plain step: one model call for one token per stream; logits (B, V) and the new state."""
@@ -312,15 +361,15 @@ class Generator:
 
     def generate(self, prompt: str = "", length: int = 500, temperature: float = 0.8, top_k: int | None = None,
                  top_p: float | None = None, greedy: bool = False, stop: Sequence[str] = (),
-                 seed: int | None = None, label: str | None = None) -> Iterator[str]:
+                 seed: int | None = None, label: str | None = None, guidance: float = 1.0) -> Iterator[str]:
         """Yield the continuation of ``prompt`` piece by piece (the prompt itself is not repeated).
 
         With ``label`` the text is generated for that label and, unless ``stop`` says otherwise, ends
-        where a labelled example ends (at a newline).
+        where a labelled example ends (at a newline); ``guidance`` > 1 strengthens the label (see ``start``).
         """
         stop = tuple(stop) or (LABELLED_END if label is not None else ())
         config = SampleConfig(temperature, top_k, top_p, greedy, length, stop, seed)
-        cursor = self.start(prompt, label)
+        cursor = self.start(prompt, label, guidance)
         yield from self.continue_from(cursor, config)
 
     def sample(self, prompt: str = "", **options: Any) -> str:
@@ -329,11 +378,12 @@ class Generator:
 
     def sample_many(self, n: int, prompt: str = "", length: int = 500, temperature: float = 0.8,
                     top_k: int | None = None, top_p: float | None = None, greedy: bool = False,
-                    stop: Sequence[str] = (), seed: int | None = None, label: str | None = None) -> list[str]:
+                    stop: Sequence[str] = (), seed: int | None = None, label: str | None = None,
+                    guidance: float = 1.0) -> list[str]:
         """``n`` continuations of ``prompt``, generated together as one batch (options as for ``generate``)."""
         stop = tuple(stop) or (LABELLED_END if label is not None else ())
         config = SampleConfig(temperature, top_k, top_p, greedy, length, stop, seed)
-        return self.continue_many(self.start(prompt, label), n, config)
+        return self.continue_many(self.start(prompt, label, guidance), n, config)
 
     def classify(self, texts: Sequence[str] | str, top: int | None = None) -> list[dict[str, Any]]:
         """Label and class probabilities (most likely first, ``top`` of them) for each text."""
