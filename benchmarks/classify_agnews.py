@@ -54,6 +54,7 @@ def main() -> None:
                                                     "the language model, one string (e.g. '--hidden 512')")
     parser.add_argument("--lm-options", default="", help="extra `rnngen train` options, one string")
     parser.add_argument("--skip-scratch", action="store_true")
+    parser.add_argument("--skip-lm", action="store_true", help="only the classifier trained from scratch")
     parser.add_argument("extra", nargs="*", help="options for `rnngen classify train` (after --)")
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="rnngen-agnews-"))
@@ -64,6 +65,9 @@ def main() -> None:
     if not args.skip_scratch:
         report["scratch"] = classify_run(train, test, root / "scratch", [*model, *cls])
         print(json.dumps(report["scratch"]), flush=True)
+    if args.skip_lm:
+        print(f"saved {save('classify_agnews', report)}")
+        return
     started = time.perf_counter()
     rnngen("train", str(corpus), "--out", str(root / "lm"), "--max-time", str(args.lm_time), "--val-fraction",
            "0.05", *model, *args.lm_options.split(), "--quiet")

@@ -45,7 +45,7 @@ def main() -> None:
     parser.add_argument("--from-lm", action="store_true", help="first train a language model on the names")
     parser.add_argument("--lm-steps", type=int, default=1500)
     parser.add_argument("--per-label", type=int, default=200)
-    parser.add_argument("--temperature", type=float, default=0.7, help="sampling temperature of generated names")
+    parser.add_argument("--temperature", default="0.7", help="sampling temperatures of generated names, comma-separated")
     parser.add_argument("--guidance", default="1,2", help="guidance values to generate with, comma-separated")
     parser.add_argument("--compare-lm-weight", action="store_true",
                         help="with --from-lm: also fine-tune with --lm-weight 0 and compare the language-model loss "
@@ -90,17 +90,18 @@ def main() -> None:
     gen = api.load(str(run))
     seen = {line.split("\t")[0] for line in train.read_text(encoding="utf-8").splitlines()[1:]}
     generation = {}
-    for guidance in (float(g) for g in args.guidance.split(",")):
+    settings = [(float(t), float(g)) for t in args.temperature.split(",") for g in args.guidance.split(",")]
+    for temperature, guidance in settings:
         agreement, distinct, novel = {}, [], []
         for label in sorted(label for label, n in counts.items() if n >= 200):
             names = [n.strip() for n in gen.sample_many(args.per_label, label=label, length=30, seed=0,
-                                                         temperature=args.temperature, guidance=guidance)]
+                                                         temperature=temperature, guidance=guidance)]
             names = [n for n in names if n]
             predicted = [r["label"] for r in gen.classify(names)]
             agreement[label] = round(sum(p == label for p in predicted) / max(1, len(predicted)), 3)
             distinct.append(len(set(names)) / max(1, len(names)))
             novel.append(sum(n not in seen for n in names) / max(1, len(names)))
-        generation[f"guidance_{guidance:g}"] = {
+        generation[f"temperature_{temperature:g}_guidance_{guidance:g}"] = {
             "label_agreement": agreement, "label_agreement_mean": round(sum(agreement.values()) / len(agreement), 4),
             "distinct_share": round(sum(distinct) / len(distinct), 3), "novel_share": round(sum(novel) / len(novel), 3)}
     report = {"benchmark": "classify_names", "split_seed": args.seed, "from_lm": args.from_lm,
