@@ -285,14 +285,14 @@ class Generator:
         With ``track`` (n == 1) the cursor is moved past each token before its id is yielded, so it is whole
         whenever the caller has control. On CUDA, long runs go through a CUDA graph, in blocks of tokens.
         """
-        guided = cursor.free is not None
+        free = cursor.free  # guided sampling: n more streams read the same tokens without the label
         state, logits = self._expanded(cursor, n)
-        if cursor.free is not None:  # n more streams read the same tokens without the label
-            free_state, free_logits = self._expanded(cursor.free, n)
+        if free is not None:
+            free_state, free_logits = self._expanded(free, n)
             state = tuple(torch.cat(pair, dim=1) for pair in zip(state, free_state))
             logits = torch.cat([logits, free_logits])
         key = (n, config.greedy, config.temperature, config.top_k, config.top_p, track)
-        long_run = config.length > GRAPH_BLOCK and not guided
+        long_run = config.length > GRAPH_BLOCK and free is None
         sampler = self._graph_sampler(key, state, logits) if long_run else None
         if sampler is not None:
             try:
@@ -312,18 +312,18 @@ class Generator:
             streams = self.stepper().streams(state, len(logits)) if fast else None
         for _ in range(config.length):
             with torch.inference_mode():  # for each step's work alone: never while the caller has control
-                scores = guided_logits(logits[:n], logits[n:], cursor.guidance) if guided else logits
+                scores = logits if free is None else guided_logits(logits[:n], logits[n:], cursor.guidance)
                 tokens = pick_tokens(scores, config, generator)  # (n,)
-                fed = tokens.repeat(2) if guided else tokens
+                fed = tokens if free is None else tokens.repeat(2)
                 if streams is None:
                     logits, state = self._model_step(fed, state)
                 else:
                     logits = streams.advance(fed)
                     state = streams.state() if track else state
                 ids = tokens.tolist()
-            if track and cursor.free is not None:
+            if track and free is not None:
                 cursor.state, cursor.logits = tuple(s[:, :1] for s in state), logits[:1]
-                cursor.free.state, cursor.free.logits = tuple(s[:, 1:] for s in state), logits[1:]
+                free.state, free.logits = tuple(s[:, 1:] for s in state), logits[1:]
             elif track:
                 cursor.state, cursor.logits = state, logits
             yield ids
