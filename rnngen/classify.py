@@ -294,7 +294,7 @@ class ClassifierTrainer:
         self.groups = layer_groups(model)
         self.pos = _Position()
         self.lengths = [len(s) for s in train.inputs]
-        self._epoch_batches: tuple[int, list[np.ndarray], np.ndarray] = (-1, [], np.zeros(0, bool))
+        self._epoch_cache: tuple[int, list[np.ndarray], np.ndarray] = (-1, [], np.zeros(0, bool))
         self.unlabelled_start = np.asarray(start_ids(tokenizer), dtype=np.int64)
         self.steps_per_epoch = len(self._batches(0))
         self.max_steps = config.max_steps or config.max_epochs * self.steps_per_epoch
@@ -326,19 +326,22 @@ class ClassifierTrainer:
             for p in params:
                 p.requires_grad_(depth < unfrozen)
 
-    def _batches(self, epoch: int) -> list[np.ndarray]:
-        """The batches of ``epoch`` (computed once per epoch, not per step)."""
-        if self._epoch_batches[0] != epoch:
+    def _epoch_plan(self, epoch: int) -> tuple[list[np.ndarray], np.ndarray]:
+        """The batches of ``epoch``, and which LM texts it reads without their label (a mask over the
+        training texts); both fixed by (seed, epoch) and computed once per epoch, not per step."""
+        if self._epoch_cache[0] != epoch:
             batches = length_batches(self.lengths, self.config.batch_size, self.config.seed, epoch)
-            # Which LM texts this epoch reads without their label: fixed by (seed, epoch), as the batches.
             rng = np.random.default_rng([self.config.seed, epoch, 1])
             unlabelled = rng.random(len(self.lengths)) < self.config.label_dropout
-            self._epoch_batches = (epoch, batches, unlabelled & bool(len(self.unlabelled_start)))
-        return self._epoch_batches[1]
+            self._epoch_cache = (epoch, batches, unlabelled & bool(len(self.unlabelled_start)))
+        return self._epoch_cache[1], self._epoch_cache[2]
 
-    def _lm_inputs(self, idx: np.ndarray) -> list[np.ndarray]:
+    def _batches(self, epoch: int) -> list[np.ndarray]:
+        return self._epoch_plan(epoch)[0]
+
+    def _lm_inputs(self, idx: np.ndarray, epoch: int) -> list[np.ndarray]:
         """The LM texts of a batch: the label token first, or for the epoch's unlabelled share a newline."""
-        unlabelled = self._epoch_batches[2]
+        unlabelled = self._epoch_plan(epoch)[1]
         return [np.concatenate([self.unlabelled_start, self.train.lm_inputs[i][1:]]) if unlabelled[i]
                 else self.train.lm_inputs[i] for i in idx]
 
@@ -358,7 +361,7 @@ class ClassifierTrainer:
             logits = self.model.classify(tokens.to(self.device), lengths)
         loss = F.cross_entropy(logits.float(), targets, weight=self.class_weights)
         if self.use_lm:
-            x, y = _lm_targets(*pad(self._lm_inputs(idx)))
+            x, y = _lm_targets(*pad(self._lm_inputs(idx, pos.epoch)))
             with autocast(self.device, self.bf16):
                 lm_logits, _ = self.model(x.to(self.device))
             loss = loss + config.lm_weight * F.cross_entropy(lm_logits.float().flatten(0, 1),

@@ -128,6 +128,17 @@ def model_options(command: Any) -> Any:
     return command
 
 
+def optimizer_options(command: Any) -> Any:
+    """The optimiser's options that `train` and `classify train` share (same names, same defaults)."""
+    for option in reversed([
+        click.option("--warmup-steps", type=int, help="Linear warm-up steps [default: 50]."),
+        click.option("--weight-decay", type=float, help="AdamW weight decay [default: 0.01]."),
+        click.option("--grad-clip", type=float, help="Gradient norm clip [default: 1.0]."),
+    ]):
+        command = option(command)
+    return command
+
+
 # ---------------------------------------------------------------------------------------------- train
 @main.command(epilog="Examples:\n\n\b\n" + EXAMPLES["train"])
 @click.argument("corpus", nargs=-1)
@@ -137,9 +148,7 @@ def model_options(command: Any) -> Any:
 @click.option("--batch-size", "-b", type=int, help="Sequences per batch [default: 64].")
 @click.option("--seq-len", type=int, help="Tokens per backpropagation window [default: 128].")
 @click.option("--lr", type=float, help="Peak learning rate [default: 0.002].")
-@click.option("--warmup-steps", type=int, help="Linear warm-up steps [default: 50].")
-@click.option("--weight-decay", type=float, help="AdamW weight decay [default: 0.01].")
-@click.option("--grad-clip", type=float, help="Gradient norm clip [default: 1.0].")
+@optimizer_options
 @click.option("--max-steps", type=int, help="Stop after this many steps [default: 1000].")
 @click.option("--max-time", type=float, help="Stop after this many seconds (the schedule fits it).")
 @click.option("--eval-every", type=int, help="Evaluate and checkpoint every N steps [default: 200].")
@@ -632,9 +641,7 @@ def classify() -> None:
                                              "[default: 2.6].")
 @click.option("--unfreeze-every", type=int, help="Fine-tuning: unfreeze one more layer group every N steps "
                                                  "[default: one epoch].")
-@click.option("--warmup-steps", type=int, help="Linear warm-up steps [default: 50].")
-@click.option("--weight-decay", type=float, help="AdamW weight decay [default: 0.01].")
-@click.option("--grad-clip", type=float, help="Gradient norm clip [default: 1.0].")
+@optimizer_options
 @click.option("--max-epochs", type=int, help="Passes over the training texts [default: 10].")
 @click.option("--max-steps", type=int, help="Stop after this many steps (instead of --max-epochs).")
 @click.option("--max-time", type=float, help="Stop after this many seconds (the schedule fits it).")

@@ -262,18 +262,15 @@ def test_label_dropout_reads_a_share_of_lm_texts_without_their_label(order_csv: 
     newline = int(trainer.tokenizer.encode("\n")[0])
     label_ids = set(range(trainer.model.config.text_vocab_size, trainer.model.config.vocab_size))
     every = np.arange(len(trainer.train))
-    trainer._batches(0)
-    first = trainer._lm_inputs(every)
+    first = trainer._lm_inputs(every, epoch=0)
     unlabelled = [seq for seq in first if seq[0] == newline]
     assert 0.2 < len(unlabelled) / len(first) < 0.3
     assert all(seq[0] in label_ids for seq in first if seq[0] != newline)
     # the same text after the first token, the label or the newline
     assert all(np.array_equal(a[1:], b[1:]) for a, b in zip(first, trainer.train.lm_inputs))
-    trainer._batches(1)
-    second = trainer._lm_inputs(every)
+    second = trainer._lm_inputs(every, epoch=1)
     assert [s[0] for s in second] != [s[0] for s in first]  # a new draw each epoch...
-    trainer._batches(0)
-    assert [s[0] for s in trainer._lm_inputs(every)] == [s[0] for s in first]  # ...fixed by (seed, epoch)
+    assert [s[0] for s in trainer._lm_inputs(every, epoch=0)] == [s[0] for s in first]  # ...fixed by (seed, epoch)
 
 
 def test_guidance_makes_samples_more_typical_of_their_label(tmp_path: Path) -> None:
