@@ -102,6 +102,7 @@ def main() -> None:
         result = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
         record["rnngen"] = {"val_loss": round(ref_protocol_val_loss(run, corpus.read_text("utf-8")), 4),
                             "val_loss_carried_state": round(result["best"]["loss"], 4),
+                            "train_loss": round(result["train_loss"], 4),
                             "steps": result["steps"], "seconds": result["seconds"],
                             "parameters": result["parameters"]}
     if "reference" in record:

@@ -147,7 +147,11 @@ def optimizer_options(command: Any) -> Any:
 @model_options
 @click.option("--batch-size", "-b", type=int, help="Sequences per batch [default: 64].")
 @click.option("--seq-len", type=int, help="Tokens per backpropagation window [default: 128].")
+@click.option("--state-reset", type=float,
+              help="Share of windows that start from a fresh state, not the carried one [default: 0].")
 @click.option("--lr", type=float, help="Peak learning rate [default: 0.002].")
+@click.option("--min-lr-ratio", type=float,
+              help="Where the cosine decay ends, as a share of --lr [default: 0.05].")
 @optimizer_options
 @click.option("--max-steps", type=int, help="Stop after this many steps [default: 1000].")
 @click.option("--max-time", type=float, help="Stop after this many seconds (the schedule fits it).")

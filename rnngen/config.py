@@ -74,6 +74,7 @@ class TrainConfig:
 
     batch_size: int = 64
     seq_len: int = 128
+    state_reset: float = 0.0  # share of windows that start from a fresh state instead of the carried one
     lr: float = 2e-3
     min_lr_ratio: float = 0.05  # cosine decays to lr * min_lr_ratio
     warmup_steps: int = 50
@@ -97,6 +98,8 @@ class TrainConfig:
         require(self.warmup_steps >= 0, "--warmup-steps must not be negative")
         require(math.isfinite(self.lr) and self.lr > 0, "--lr must be a positive number")
         require(self.grad_clip > 0, "--grad-clip must be positive")
+        require(0.0 <= self.state_reset <= 1.0, "--state-reset must be between 0 and 1")
+        require(0.0 <= self.min_lr_ratio <= 1.0, "--min-lr-ratio must be between 0 and 1")
         require(self.weight_decay >= 0, "--weight-decay must not be negative")
         require(0.0 < self.val_fraction < 1.0, "--val-fraction must be between 0 and 1")
         require(self.max_time is None or self.max_time > 0, "--max-time must be positive")

@@ -134,6 +134,12 @@ class StreamBatches:
         block_t = torch.from_numpy(block)
         return block_t[:, :-1], block_t[:, 1:]
 
+    def fresh_lanes(self, epoch: int, index: int, share: float) -> torch.Tensor:
+        """Which of this rank's lanes start window ``index`` from a fresh state (bool, (B,)): a ``share`` of
+        all lanes drawn from (seed, epoch, index), so every rank and a resumed run draw the same."""
+        gen = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) * 1_000_003 + index)
+        return (torch.rand(self.batch_size, generator=gen) < share)[self.lanes]
+
 
 def eval_windows(tokens: np.ndarray, seq_len: int, lanes: int = 16, max_tokens: int | None = None,
                  rank: int = 0, world_size: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

@@ -300,6 +300,11 @@ class Trainer:
         if pos.index >= self.batches.steps_in_epoch(pos.epoch):
             pos.epoch, pos.index, self.state = pos.epoch + 1, 0, None
         x, y = self.batches.batch(pos.epoch, pos.index)
+        if config.state_reset and self.state is not None:
+            # Some windows start from nothing, as sampling without a prompt and fresh-state scoring do;
+            # a model that only ever continues a carried state reads the first characters badly.
+            keep = ~self.batches.fresh_lanes(pos.epoch, pos.index, config.state_reset)
+            self.state = tuple(s * keep.to(s).view(1, -1, 1) for s in self.state)
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
         lr = lr_at(config, pos.step, self._progress()) * pos.lr_scale
         for group in self.optimizer.param_groups:

@@ -38,7 +38,7 @@ def stop_at(step: int, stop: threading.Event):
 
 
 def test_resume_reproduces_the_uninterrupted_run(tmp_path: Path, prose_corpus: Path) -> None:
-    options = dict(TINY, dropout=0.1, emb_dropout=0.1, max_steps=40, eval_every=10)
+    options = dict(TINY, dropout=0.1, emb_dropout=0.1, state_reset=0.3, max_steps=40, eval_every=10)
     full = train_from_options([str(prose_corpus)], tmp_path / "full", **options)
     stop = threading.Event()
     part = prepare_run([str(prose_corpus)], tmp_path / "part", stop=stop, callback=stop_at(17, stop), **options)
@@ -55,6 +55,21 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path: Path, prose_corpus: P
     a, b = rnngen.load(str(tmp_path / "full" / "last")), rnngen.load(str(tmp_path / "part" / "last"))
     for (k, v), (_, w) in zip(a.model.state_dict().items(), b.model.state_dict().items()):
         torch.testing.assert_close(v, w, rtol=1e-5, atol=1e-6, msg=k)
+
+
+@pytest.mark.parametrize("share", [0.0, 1.0])
+def test_state_reset_starts_windows_from_a_fresh_state(tmp_path: Path, prose_corpus: Path, share: float) -> None:
+    """--state-reset 1: every window is read from a zero state; 0: the state carries over."""
+    trainer = prepare_run([str(prose_corpus)], tmp_path / "run", **TINY, state_reset=share, precision="fp32")
+    trainer._train_step()
+    x, y = trainer.batches.batch(trainer.pos.epoch, trainer.pos.index)
+    with torch.no_grad():
+        logits, _ = trainer.model(x)  # from a fresh state, with the weights the next step starts from
+        fresh = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten()).item()
+    assert (trainer._train_step() == pytest.approx(fresh, rel=1e-6)) == (share == 1.0)
+    assert trainer.batches.fresh_lanes(3, 5, 0.25).tolist() == trainer.batches.fresh_lanes(3, 5, 0.25).tolist()
+    shares = torch.stack([trainer.batches.fresh_lanes(0, i, 0.25) for i in range(200)]).float().mean()
+    assert 0.2 < shares < 0.3
 
 
 def test_resume_without_corpus_uses_the_recorded_one(tmp_path: Path, prose_corpus: Path) -> None:
