@@ -44,7 +44,7 @@ def ref_protocol_val_loss(run_dir: Path, text: str) -> float:
 
 
 REF_CONFIG = ["--layers", "2", "--hidden", "256", "--emb-dim", "64", "--batch-size", "64", "--seq-len", "128",
-              "--dropout", "0", "--emb-dropout", "0", "--precision", "fp32", "--lr", "2e-3"]
+              "--dropout", "0", "--emb-dropout", "0", "--precision", "fp32", "--lr", "2e-3", "--state-reset", "0"]
 
 
 def throughput(corpus: Path, ref_script: Path, seconds: float, repeats: int) -> None:

@@ -148,7 +148,7 @@ def optimizer_options(command: Any) -> Any:
 @click.option("--batch-size", "-b", type=int, help="Sequences per batch [default: 64].")
 @click.option("--seq-len", type=int, help="Tokens per backpropagation window [default: 128].")
 @click.option("--state-reset", type=float,
-              help="Share of windows that start from a fresh state, not the carried one [default: 0].")
+              help="Share of windows that start from a fresh state, not the carried one [default: 0.3].")
 @click.option("--lr", type=float, help="Peak learning rate [default: 0.002].")
 @click.option("--min-lr-ratio", type=float,
               help="Where the cosine decay ends, as a share of --lr [default: 0.05].")

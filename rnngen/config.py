@@ -74,7 +74,7 @@ class TrainConfig:
 
     batch_size: int = 64
     seq_len: int = 128
-    state_reset: float = 0.0  # share of windows that start from a fresh state instead of the carried one
+    state_reset: float = 0.3  # share of windows that start from a fresh state instead of the carried one
     lr: float = 2e-3
     min_lr_ratio: float = 0.05  # cosine decays to lr * min_lr_ratio
     warmup_steps: int = 50

@@ -504,7 +504,8 @@ def _resume_data(sources: list[str], run_dir: Path, encoding: str, errors: str,
     if fingerprint != saved["fingerprint"]:
         raise InputError("the corpus differs from the one this run was trained on; resume with the same "
                          "files, or start a new run with another --out")
-    config = replace(from_dict(TrainConfig, state["train_config"]), **overrides)
+    saved_config = {"state_reset": 0.0, **state["train_config"]}  # runs from before --state-reset carried always
+    config = replace(from_dict(TrainConfig, saved_config), **overrides)
     resolve_device(config.device)
     _, tokenizer, ckpt_config, _ = load_checkpoint(last)
     tokenize_to_file(corpus, tokenizer, fingerprint=fingerprint)
