@@ -72,6 +72,21 @@ def test_state_reset_starts_windows_from_a_fresh_state(tmp_path: Path, prose_cor
     assert 0.2 < shares < 0.3
 
 
+def test_a_run_saved_before_state_resets_resumes_without_them(tmp_path: Path, prose_corpus: Path) -> None:
+    """A trainer state without ``state_reset`` (written before the option existed) resumes carrying always."""
+    options = dict(TINY, state_reset=0.0, max_steps=20, eval_every=10)
+    full = train_from_options([str(prose_corpus)], tmp_path / "full", **options)
+    stop = threading.Event()
+    part = prepare_run([str(prose_corpus)], tmp_path / "old", stop=stop, callback=stop_at(7, stop), **options)
+    assert part.run().stopped == "interrupted"
+    saved = tmp_path / "old" / "last" / "trainer_state.json"
+    state = json.loads(saved.read_text())
+    del state["train_config"]["state_reset"]
+    saved.write_text(json.dumps(state))
+    resumed = train_from_options([str(prose_corpus)], tmp_path / "old", resume=True)
+    assert resumed.best_val["loss"] == pytest.approx(full.best_val["loss"], abs=1e-6)
+
+
 def test_resume_without_corpus_uses_the_recorded_one(tmp_path: Path, prose_corpus: Path) -> None:
     train_from_options([str(prose_corpus)], tmp_path / "run", **TINY, max_steps=10, eval_every=5)
     result = train_from_options([], tmp_path / "run", resume=True, max_steps=20)
