@@ -81,7 +81,7 @@ BENCHES = [
           "train_throughput.json", _throughput_rows),
     Bench("quality", ["train_shakespeare.py", "--seconds", "300", "--ref-seconds", "600", "--", "--hidden", "256",
                       "--emb-dim", "64", "--batch-size", "32", "--dropout", "0", "--emb-dropout", "0", "--lr", "3e-3",
-                      "--warmup-steps", "50", "--eval-every", "500"],
+                      "--warmup-steps", "50", "--eval-every", "500", "--state-reset", "0"],
           ["--seconds", "30", "--ref-seconds", "60"], "train_shakespeare.json", _quality_rows),
     Bench("large", ["large_corpus.py", "--size-gb", "2"], ["--size-gb", "0.2"], "large_corpus.json", _large_rows),
     Bench("chat", ["chat_turns.py"], ["--repeats", "2", "--turns", "10"], "chat_turns.json", _chat_rows),

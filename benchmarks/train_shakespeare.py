@@ -3,7 +3,7 @@
 Both train for --seconds on the first 90% and are scored on the last 10% (nats/char) by the reference's
 own protocol (windows of 512 characters, fresh state each), so the numbers compare directly.
 
-    python benchmarks/train_shakespeare.py --seconds 600          # the recorded benchmark
+    python benchmarks/train_shakespeare.py --seconds 600 -- OPTIONS   # the recorded benchmark (options: RESULTS.md)
     python benchmarks/train_shakespeare.py --seconds 300 --ref-seconds 600  # half the time: as good?
     python benchmarks/train_shakespeare.py --seconds 60 --no-ref  # a quick look at rnngen alone
     python benchmarks/train_shakespeare.py --throughput --seconds 90 --repeats 3  # chars/s at the ref's config
