@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from .checkpoint import (BEST, LAST, append_metrics, load_checkpoint, load_trainer_state, save_checkpoint)
 from .config import ModelConfig, from_dict, require, to_dict
+from .data import mixed_seed
 from .errors import InputError
 from .labelled import LabelledData, read_labelled, stratified_split
 from .model import ClassifierHead, RNNModel
@@ -138,7 +139,7 @@ def length_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: in
 
     Fixed by (seed, epoch), so a resumed run sees the batches the uninterrupted run would have seen.
     """
-    rng = np.random.default_rng(seed * 1_000_003 + epoch)
+    rng = np.random.default_rng(mixed_seed(seed, epoch))
     order = rng.permutation(len(lengths))
     lengths = np.asarray(lengths)
     pool = batch_size * 50

@@ -89,6 +89,14 @@ class TokenSplit:
         return self.tokens[self.n_train:]
 
 
+def mixed_seed(seed: int, *keys: int) -> int:
+    """One seed for the draw named by ``keys`` (an epoch, a window) under the run's ``seed``: fixed draws
+    make a resumed run, and every rank of a distributed one, see what an uninterrupted run would."""
+    for key in keys:
+        seed = seed * 1_000_003 + key
+    return seed % (1 << 63)  # within what torch and numpy generators accept
+
+
 class StreamBatches:
     """Batches for truncated backpropagation through time, with the state carried between windows.
 
@@ -117,7 +125,7 @@ class StreamBatches:
                              f"{batch_size} x {seq_len}; use a longer corpus or a smaller --batch-size/--seq-len")
 
     def _layout(self, epoch: int) -> tuple[int, int, int]:
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        gen = torch.Generator().manual_seed(mixed_seed(self.seed, epoch))
         shift = int(torch.randint(self.seq_len, (1,), generator=gen))
         lane_len = (len(self.tokens) - 1 - shift) // self.batch_size
         return shift, lane_len, lane_len // self.seq_len
@@ -137,7 +145,7 @@ class StreamBatches:
     def fresh_lanes(self, epoch: int, index: int, share: float) -> torch.Tensor:
         """Which of this rank's lanes start window ``index`` from a fresh state (bool, (B,)): a ``share`` of
         all lanes drawn from (seed, epoch, index), so every rank and a resumed run draw the same."""
-        gen = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) * 1_000_003 + index)
+        gen = torch.Generator().manual_seed(mixed_seed(self.seed, epoch, index))
         return (torch.rand(self.batch_size, generator=gen) < share)[self.lanes]
 
 
