@@ -118,6 +118,8 @@ def model_options(command: Any) -> Any:
         click.option("--emb-dim", type=int, help="Embedding size [default: 64]."),
         click.option("--dropout", type=float, help="Dropout between layers and before the output [default: 0.1]."),
         click.option("--emb-dropout", type=float, help="Dropout on embeddings [default: 0]."),
+        click.option("--weight-drop", type=float,
+                     help="Dropout on the hidden-to-hidden weights while training (DropConnect) [default: 0]."),
         click.option("--tie-weights", is_flag=True, default=None, help="Share embedding and output matrices."),
         click.option("--tokenizer", type=click.Choice(["char", "bpe", "unigram"]), help="[default: char]"),
         click.option("--vocab-size", type=int, help="Subword vocabulary size for bpe/unigram [default: 2000]."),
@@ -667,8 +669,8 @@ def classify() -> None:
 def classify_train(data: tuple[str, ...], base: str | None, out: str | None, resume: bool, text_column: str,
                    label_column: str, no_header: bool, fmt: str | None, encoding: str, skip_bad_rows: bool,
                    arch: str | None, layers: int | None, hidden: int | None, emb_dim: int | None,
-                   dropout: float | None, emb_dropout: float | None, tie_weights: bool | None,
-                   tokenizer: str | None, vocab_size: int | None, min_char_count: int | None, bidirectional: bool,
+                   dropout: float | None, emb_dropout: float | None, weight_drop: float | None,
+                   tie_weights: bool | None, tokenizer: str | None, vocab_size: int | None, min_char_count: int | None, bidirectional: bool,
                    quiet: bool, as_json: bool, **options: Any) -> None:
     """Train a classifier on labelled DATA: CSV/TSV, JSONL, or a folder of class files or class folders.
 
@@ -692,7 +694,7 @@ def classify_train(data: tuple[str, ...], base: str | None, out: str | None, res
     trainer = prepare_classifier(
         list(data), out, base=base, resume=resume, bidirectional=bidirectional,
         model_options={"arch": arch, "layers": layers, "hidden": hidden, "emb_dim": emb_dim, "dropout": dropout,
-                       "emb_dropout": emb_dropout, "tie_weights": tie_weights},
+                       "emb_dropout": emb_dropout, "weight_drop": weight_drop, "tie_weights": tie_weights},
         tokenizer_options={"tokenizer": tokenizer, "vocab_size": vocab_size, "min_char_count": min_char_count},
         read_options=_read_options(text_column, label_column, no_header, fmt, encoding, skip_bad_rows),
         callback=progress.update, stop=stop, **options)

@@ -40,6 +40,7 @@ class ModelConfig:
     layers: int = 2
     dropout: float = 0.1  # between layers and on the outputs
     emb_dropout: float = 0.0
+    weight_drop: float = 0.0  # DropConnect on the hidden-to-hidden matrices while training (AWD-LSTM)
     tie_weights: bool = False
     bidirectional: bool = False
     # Label tokens (for label-conditioned generation) sit after the tokenizer's symbols: the last
@@ -52,7 +53,7 @@ class ModelConfig:
         require(self.layers >= 1, "--layers must be at least 1")
         require(self.hidden >= 1, "--hidden must be at least 1")
         require(self.emb_dim >= 1, "--emb-dim must be at least 1")
-        for name in ("dropout", "emb_dropout"):
+        for name in ("dropout", "emb_dropout", "weight_drop"):
             value = getattr(self, name)
             require(0.0 <= value < 1.0, f"--{name.replace('_', '-')} must be in [0, 1), got {value}")
         require(not self.tie_weights or self.emb_dim == self.hidden,

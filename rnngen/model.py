@@ -8,6 +8,9 @@ The recurrent state is a tuple of tensors, ``(h,)`` for GRU/RNN and ``(h, c)`` f
 
 from __future__ import annotations
 
+import warnings
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -47,12 +50,23 @@ class Encoder(nn.Module):
         zeros = torch.zeros(shape, device=device, dtype=weight.dtype)
         return (zeros, zeros.clone()) if c.arch == "lstm" else (zeros,)
 
+    def _rnn(self, x: Any, hx: Any = None) -> Any:
+        """The recurrent stack; while training with ``weight_drop``, with DropConnect on its W_hh matrices:
+        one mask per matrix per call, shared by every time step (the regulariser of AWD-LSTM)."""
+        if not (self.training and self.config.weight_drop > 0):
+            return self.rnn(x, hx)
+        dropped = {name: F.dropout(w, self.config.weight_drop)
+                   for name, w in self.rnn.named_parameters() if name.startswith("weight_hh")}
+        with warnings.catch_warnings():  # the dropped matrices are not in cuDNN's flat buffer: a copy, expected
+            warnings.filterwarnings("ignore", message=".*contiguous chunk of memory.*")
+            return torch.func.functional_call(self.rnn, dropped, (x, hx), strict=False)
+
     def forward(self, tokens: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
         x = self.emb_dropout(self.embedding(tokens))  # (B, T, E)
         if state is None:
-            hidden, out_state = self.rnn(x)
+            hidden, out_state = self._rnn(x)
         else:
-            hidden, out_state = self.rnn(x, state if self.config.arch == "lstm" else state[0])
+            hidden, out_state = self._rnn(x, state if self.config.arch == "lstm" else state[0])
         return hidden, (tuple(out_state) if isinstance(out_state, tuple) else (out_state,))  # (B, T, H)
 
     def forward_padded(self, tokens: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,11 +78,11 @@ class Encoder(nn.Module):
         """
         x = self.emb_dropout(self.embedding(tokens))
         if not self.config.bidirectional:
-            hidden, _ = self.rnn(x)
+            hidden, _ = self._rnn(x)
             last = hidden[torch.arange(len(lengths), device=hidden.device), lengths.to(hidden.device) - 1]
             return hidden, last
         packed = nn.utils.rnn.pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
-        out, state = self.rnn(packed)
+        out, state = self._rnn(packed)
         hidden, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=tokens.size(1))
         h = state[0] if isinstance(state, tuple) else state  # (layers * 2, B, H): the top layer's two directions
         return hidden, torch.cat([h[-2], h[-1]], dim=-1)

@@ -412,7 +412,7 @@ class Trainer:
 
 # -- assembling a run from options ----------------------------------------------------------------
 
-MODEL_FIELDS = {"arch", "emb_dim", "hidden", "layers", "dropout", "emb_dropout", "tie_weights"}
+MODEL_FIELDS = {"arch", "emb_dim", "hidden", "layers", "dropout", "emb_dropout", "weight_drop", "tie_weights"}
 TOKENIZER_FIELDS = {"tokenizer", "vocab_size", "min_char_count"}
 
 

@@ -80,6 +80,7 @@ def test_corpus_shorter_than_a_window(tmp_path: Path) -> None:
     ("--dropout", "1.5", "dropout"), ("--lr", "nan", "lr"), ("--max-steps", "0", "max-steps"),
     ("--vocab-size", "100000", "vocab-size"), ("--val-fraction", "1", "val-fraction"),
     ("--state-reset", "1.5", "state-reset"), ("--min-lr-ratio", "-0.1", "min-lr-ratio"),
+    ("--weight-drop", "1", "weight-drop"),
 ])
 def test_impossible_training_options(tmp_path: Path, prose_corpus: Path, option: str, value: str,
                                      phrase: str) -> None:

@@ -50,7 +50,37 @@ def test_checkpoint_round_trip_identical_logits(tmp_path, tie: bool) -> None:
     assert config["training"]["step"] == 3 and directory == tmp_path / "ck"
 
 
+@pytest.mark.parametrize("arch", ["lstm", "gru"])
+def test_weight_drop_masks_each_hidden_matrix_once_per_call(arch: str) -> None:
+    """Training with weight_drop is the plain network with each W_hh times one dropout mask (scaled by
+    1/(1-p)) for the whole sequence; the input matrices and evaluation are untouched."""
+    config = ModelConfig(vocab_size=12, arch=arch, hidden=16, emb_dim=8, layers=2, dropout=0.0, weight_drop=0.4)
+    model = RNNModel(config)
+    tokens = torch.randint(0, 12, (3, 9), generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(7)
+    model.train()
+    dropped_logits, _ = model(tokens)
+    plain = RNNModel(config)
+    plain.load_state_dict(model.state_dict())
+    torch.manual_seed(7)  # the same draws, in the same order: one mask per W_hh
+    with torch.no_grad():
+        for name, w in plain.encoder.rnn.named_parameters():
+            if name.startswith("weight_hh"):
+                w.copy_(torch.nn.functional.dropout(w, 0.4))
+    plain.eval()
+    expected, _ = plain(tokens)
+    torch.testing.assert_close(dropped_logits, expected)
+    model.eval()
+    evaluated, _ = model(tokens)
+    assert not torch.allclose(evaluated, expected, atol=1e-4)  # evaluation uses the whole matrices
+    model.train()
+    again, _ = model(tokens)
+    assert not torch.allclose(again, dropped_logits, atol=1e-4)  # a fresh mask each call
+    again.sum().backward()
+    assert model.encoder.rnn.weight_hh_l1.grad.abs().sum() > 0  # gradients reach the dropped matrices
+
+
 def test_config_rejects_impossible_values() -> None:
-    for bad in ({"layers": 0}, {"hidden": 0}, {"dropout": 1.0}, {"arch": "transformer"}):
+    for bad in ({"layers": 0}, {"hidden": 0}, {"dropout": 1.0}, {"weight_drop": -0.1}, {"arch": "transformer"}):
         with pytest.raises(InputError):
             ModelConfig(vocab_size=10, **bad)
