@@ -11,6 +11,9 @@ sampled through the real Generator (temperature 0.8, no stop string):
 
     python benchmarks/sample_speed.py                                   # CPU, 2x256 (the recorded run)
     python benchmarks/sample_speed.py --device cuda --layers 3 --hidden 512
+
+On CUDA the fast path at batch 1 is the Triton step in a CUDA graph; the model's own step (cuDNN) in a
+CUDA graph, the fast path before it, is measured beside it.
 """
 
 from __future__ import annotations
@@ -91,6 +94,12 @@ def main() -> None:
     plain = Generator(gen.model, gen.tokenizer, gen.config, gen.directory, fast=False)
     chars_per_s(gen, 200, 1)  # warm-up: weights prepared, allocator and thread pool started
     fast = chars_per_s(gen, args.chars, args.repeats)
+    cudnn = None  # on CUDA, batch 1 steps through Triton kernels; also measured: the model's own (cuDNN) step
+    if args.device == "cuda":
+        graph = Generator(gen.model, gen.tokenizer, gen.config, gen.directory)
+        graph.use_triton = False
+        chars_per_s(graph, 200, 1)
+        cudnn = chars_per_s(graph, args.chars, args.repeats)
     slow = chars_per_s(plain, args.plain_chars, args.repeats)
     short, long = chars_per_s(gen, args.short, args.repeats), chars_per_s(gen, args.long, 1)
     batched = batch_chars_per_s(gen, args.batch, args.batch_chars, args.repeats)
@@ -98,6 +107,8 @@ def main() -> None:
         "benchmark": "sample_speed", "device": args.device,
         "model": f"random lstm {args.layers}x{args.hidden}, emb {args.emb}, vocab {tok.vocab_size}",
         "threads": torch.get_num_threads(), "graph_error": repr(gen.graph_error) if gen.graph_error else None,
+        "triton_error": repr(gen.triton_error) if gen.triton_error else None,
+        "fast_cudnn_graph_chars_per_s": round(cudnn) if cudnn else None,
         "reference_chars_per_s": ref["chars_per_s"], "reference_refeed_chars_per_s":
             next((r["chars_per_s"] for r in ref_rows if r["mode"] == "refeed"), None),
         "fast_chars_per_s": round(fast), "fast_over_reference": round(fast / ref["chars_per_s"], 2),
@@ -112,7 +123,9 @@ def main() -> None:
         table.add_column(column, justify="right" if column else "left")
     ref_cps = ref["chars_per_s"]
     for name, value in [("reference (nn.LSTM per char, carried state)", ref_cps),
-                        ("rnngen plain path (model call per token)", slow), ("rnngen fast path, batch 1", fast),
+                        ("rnngen plain path (model call per token)", slow),
+                        *([("rnngen, model's own step in a CUDA graph, batch 1", cudnn)] if cudnn else []),
+                        ("rnngen fast path, batch 1", fast),
                         (f"rnngen, {args.batch} samples at once (total)", batched)]:
         table.add_row(name, f"{value:,.0f}", f"{value / ref_cps:.1f}x")
     table.add_row(f"per-char cost, {args.long:,} vs {args.short:,} chars", f"{short / long:.3f}", "")

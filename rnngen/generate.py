@@ -151,6 +151,8 @@ class Generator:
         self.fast = fast
         self._stepper: Stepper | None = None
         self.graph_error: Exception | None = None  # why a CUDA graph could not be captured, if it ever failed
+        self.use_triton = True  # CUDA, one stream of an fp32 LSTM: step in Triton kernels (see triton_step)
+        self.triton_error: Exception | None = None  # why the Triton step failed, if it ever did
         self._graphs: dict[tuple[Any, ...], GraphSampler] = {}  # captured CUDA graphs, by sampling settings
         if model.config.label_tokens:  # label tokens only ever begin a text: never generate one
             with torch.no_grad():
@@ -343,7 +345,10 @@ class Generator:
     def _graph_sampler(self, key: tuple[Any, ...], state: State, logits: torch.Tensor) -> GraphSampler | None:
         """A CUDA-graph sampler for ``key`` (n, greedy, temperature, top_k, top_p, track), from the cache or
         captured now, starting at ``state`` and ``logits``; None off CUDA, without the fast path, or once a
-        capture has failed (the error is kept in ``graph_error``; the eager steps are used instead)."""
+        capture has failed (the error is kept in ``graph_error``; the eager steps are used instead).
+
+        A single stream of an fp32 LSTM steps through Triton kernels where Triton runs (``use_triton``; a
+        failure is kept in ``triton_error`` and the model's own step is captured instead)."""
         if not (self.fast and self.device.type == "cuda" and self.graph_error is None):
             return None
         sampler = self._graphs.pop(key, None)
@@ -351,13 +356,22 @@ class Generator:
             sampler.reset(state, logits)
             return sampler
         config = SampleConfig(temperature=key[2], top_k=key[3], top_p=key[4], greedy=key[1])
-        try:  # the graph replays the model's own step (cuDNN: the plain path's numbers, in fewer kernels)
-            return GraphSampler(self._model_step, state, logits,
-                                lambda lg, gumbel: pick_tokens(lg, config, None, gumbel),
-                                noisy=not config.greedy, track=key[5], block=GRAPH_BLOCK)
-        except Exception as exc:  # any capture problem: fall back to the eager fast steps for good
-            self.graph_error = exc
-            return None
+        steps = [self._model_step]  # the model's own step: cuDNN, the plain path's numbers in fewer kernels
+        if key[0] == 1 and self.use_triton and self.triton_error is None:
+            from .triton_step import triton_step  # imports Triton: only here, where it may be used
+
+            fused = triton_step(self.stepper())
+            steps = [fused, *steps] if fused is not None else steps
+        for step in steps:
+            try:
+                return GraphSampler(step, state, logits, lambda lg, gumbel: pick_tokens(lg, config, None, gumbel),
+                                    noisy=not config.greedy, track=key[5], block=GRAPH_BLOCK)
+            except Exception as exc:  # any capture problem: the next step, then the eager fast steps for good
+                if step is not steps[-1]:  # the Triton step
+                    self.triton_error = exc
+                    continue
+                self.graph_error = exc
+        return None
 
     def generate(self, prompt: str = "", length: int = 500, temperature: float = 0.8, top_k: int | None = None,
                  top_p: float | None = None, greedy: bool = False, stop: Sequence[str] = (),

@@ -9,6 +9,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+# Without a GPU, Triton's kernels (rnngen.triton_step) run in its interpreter on CPU tensors: set before
+# anything imports Triton.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 SHARED = Path(os.environ.get("RNNGEN_SHARED", Path(__file__).resolve().parents[1].parent / "shared"))
 

@@ -295,7 +295,9 @@ def test_cuda_step_equals_the_model(arch: str, monkeypatch: pytest.MonkeyPatch) 
 
 @cuda
 @pytest.mark.parametrize("arch", ["lstm", "gru", "rnn"])
-def test_cuda_graph_greedy_text_and_cursor_equal_the_plain_path(tmp_path: Path, arch: str) -> None:
+def test_cuda_graph_greedy_text_and_cursor_equal_the_plain_path(tmp_path: Path, arch: str,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # the plain path in fp32, as the Triton step
     gen = save_generator(tmp_path, arch, layers=3, hidden=64, device="cuda")
     length = 3 * 32 + 5  # whole blocks and a part of one
     for prompt in ("ab", "the end", "x"):  # the second and third reuse the captured graph
@@ -304,7 +306,7 @@ def test_cuda_graph_greedy_text_and_cursor_equal_the_plain_path(tmp_path: Path, 
             cursor = g.start(prompt)
             texts.append("".join(g.continue_from(cursor, SampleConfig(greedy=True, length=length))))
             cursors.append(cursor)
-        assert gen.graph_error is None, gen.graph_error  # the graph was captured and used
+        assert gen.graph_error is None and gen.triton_error is None, (gen.graph_error, gen.triton_error)
         assert texts[0] == texts[1] and len(texts[0]) == length
         torch.testing.assert_close(cursors[0].logits, cursors[1].logits, rtol=1e-4, atol=1e-4)
         for a, b in zip(cursors[0].state, cursors[1].state):
@@ -349,3 +351,56 @@ def test_cuda_falls_back_to_eager_steps_when_capture_fails(tmp_path: Path, monke
     assert isinstance(gen.graph_error, RuntimeError)  # kept, and not tried again
     assert text == plain(gen).sample("ab", length=80, greedy=True)
     assert gen.sample_many(3, "ab", length=80, greedy=True) == [text] * 3
+
+
+# ------------------------------------------------------------------------------------ Triton kernels
+@pytest.mark.parametrize("layers, hidden, vocab", [(1, 18, 7), (3, 40, 23), (2, 130, 65)])
+def test_triton_step_equals_the_stepper(layers: int, hidden: int, vocab: int) -> None:
+    """The kernels' arithmetic, on the GPU or else in Triton's interpreter (conftest): units that do not fill
+    a program (18 = 4 x 4 + 2), several layers, and inputs longer than one pass of the inner loop (2 x 130)."""
+    pytest.importorskip("triton", reason="Triton is not installed (the test extras install it on Linux x86-64)")
+    from rnngen.triton_step import triton_step
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = random_model("lstm", layers=layers, hidden=hidden, vocab=vocab, device=device)
+    stepper = Stepper(model)
+    step = triton_step(stepper)
+    assert step is not None
+    state = expected_state = random_state(model, 1)
+    for token in (3, 0, vocab - 1):
+        tokens = torch.tensor([token], device=device)
+        logits, state = step(tokens, state)
+        expected, expected_state = stepper.step(tokens, expected_state)
+        torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+        for got, want in zip(state, expected_state):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert triton_step(Stepper(random_model("gru"))) is None  # LSTMs only
+    assert triton_step(Stepper(random_model("lstm", dtype=torch.bfloat16))) is None  # fp32 only
+
+
+@cuda
+def test_cuda_triton_graph_samples_what_the_cudnn_graph_samples(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Batch 1 of an LSTM steps through Triton kernels in the graph: same seed, same text as the model's own
+    step in the graph (the same distribution, to float rounding), and a broken Triton step falls back to it."""
+    pytest.importorskip("triton")
+    import rnngen.triton_step
+
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    gen = save_generator(tmp_path, "lstm", layers=3, hidden=128, device="cuda")
+    cudnn = rnngen.load(str(gen.directory), device="cuda")
+    cudnn.use_triton = False
+    for options in ({"temperature": 1.0, "seed": 3}, {"temperature": 0.7, "top_k": 5, "seed": 4}):
+        text = gen.sample("ab", length=300, **options)
+        assert text == cudnn.sample("ab", length=300, **options) and len(set(text)) > 5
+    assert gen.triton_error is None and gen.graph_error is None
+    assert {type(s.step.__self__).__name__ for s in gen._graphs.values()} == {"TritonLSTM"}
+
+    def broken(self: object, tokens: torch.Tensor, state: object) -> None:
+        raise RuntimeError("no kernel")
+
+    monkeypatch.setattr(rnngen.triton_step.TritonLSTM, "step", broken)
+    fallback = rnngen.load(str(gen.directory), device="cuda")
+    assert fallback.sample("ab", length=300, temperature=1.0, seed=3) == gen.sample("ab", length=300,
+                                                                                    temperature=1.0, seed=3)
+    assert isinstance(fallback.triton_error, RuntimeError) and fallback.graph_error is None
