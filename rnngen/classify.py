@@ -59,6 +59,7 @@ class ClassifyConfig:
     # knows unlabelled text: what classifier-free guidance (`sample --guidance`) contrasts the label with.
     label_dropout: float = 0.1
     head_dropout: float = 0.2
+    token_dropout: float = 0.0  # share of a training text's tokens the classifier reads as <unk>
     lr_decay: float = 2.6  # fine-tuning: each layer group below the top learns this much slower (ULMFiT)
     unfreeze_every: int | None = None  # fine-tuning: unfreeze one more layer group every N steps [epoch]
     device: str = "auto"
@@ -75,6 +76,7 @@ class ClassifyConfig:
         require(math.isfinite(self.lm_weight) and self.lm_weight >= 0, "--lm-weight must not be negative")
         require(0.0 <= self.label_dropout < 1.0, "--label-dropout must be in [0, 1)")
         require(0.0 <= self.head_dropout < 1.0, "--head-dropout must be in [0, 1)")
+        require(0.0 <= self.token_dropout < 1.0, "--token-dropout must be in [0, 1)")
         require(self.lr_decay >= 1.0, "--lr-decay must be at least 1")
         require(self.max_time is None or self.max_time > 0, "--max-time must be positive")
         require(self.precision in ("auto", "fp32", "bf16"), "--precision must be auto, fp32 or bf16")
@@ -132,6 +134,14 @@ def pad(seqs: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
     for i, s in enumerate(seqs):
         tokens[i, : len(s)] = torch.from_numpy(np.asarray(s, dtype=np.int64))
     return tokens, lengths
+
+
+def drop_tokens(tokens: torch.Tensor, p: float, keep: int, unk_id: int) -> torch.Tensor:
+    """Word dropout: each token after the first ``keep`` (the start) becomes ``unk_id`` with probability
+    ``p`` (from torch's generator, whose state a checkpoint keeps), so no single token decides the label."""
+    dropped = torch.rand(tokens.shape) < p
+    dropped[:, :keep] = False
+    return tokens.masked_fill(dropped, unk_id)
 
 
 def length_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int) -> list[np.ndarray]:
@@ -357,6 +367,8 @@ class ClassifierTrainer:
         for group in self.optimizer.param_groups:
             group["lr"] = base * group["lr_scale"]
         tokens, lengths = pad([self.train.inputs[i] for i in idx])
+        if config.token_dropout > 0:
+            tokens = drop_tokens(tokens, config.token_dropout, len(self.unlabelled_start), self.tokenizer.unk_id)
         targets = torch.from_numpy(self.train.targets[idx]).to(self.device)
         with autocast(self.device, self.bf16):
             logits = self.model.classify(tokens.to(self.device), lengths)

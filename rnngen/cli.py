@@ -661,6 +661,8 @@ def classify() -> None:
 @click.option("--label-dropout", type=float, help="Share of the language-model texts read without their label, "
                                                   "so that `sample --guidance` works [default: 0.1].")
 @click.option("--head-dropout", type=float, help="Dropout before the classifier [default: 0.2].")
+@click.option("--token-dropout", type=float, help="Share of each training text's tokens read as <unk> by the "
+                                                  "classifier (word dropout) [default: 0].")
 @click.option("--seed", type=int, help="Random seed (also fixes the split) [default: 1337].")
 @click.option("--device", help="auto, cpu, cuda or mps [default: auto].")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), help="[default: auto]")

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import rnngen
-from rnngen.classify import classification_metrics, length_batches, pad, prepare_classifier
+from rnngen.classify import classification_metrics, drop_tokens, length_batches, pad, prepare_classifier
 from rnngen.config import ModelConfig
 from rnngen.model import ClassifierHead, RNNModel
 
@@ -83,6 +83,16 @@ def test_batches_cover_every_example_once_and_are_fixed_by_seed_and_epoch() -> N
     assert sorted(np.concatenate(batches).tolist()) == list(range(1000))
     assert all(np.array_equal(a, b) for a, b in zip(batches, length_batches(lengths, 32, seed=3, epoch=2)))
     assert not all(np.array_equal(a, b) for a, b in zip(batches, length_batches(lengths, 32, seed=3, epoch=3)))
+
+
+def test_token_dropout_replaces_a_share_of_tokens_but_never_the_start() -> None:
+    tokens = torch.randint(1, 50, (64, 40))
+    torch.manual_seed(0)
+    dropped = drop_tokens(tokens, 0.25, keep=1, unk_id=0)
+    changed = dropped != tokens
+    assert not changed[:, 0].any() and (dropped[changed] == 0).all()
+    assert 0.22 < changed[:, 1:].float().mean() < 0.28
+    assert torch.equal(drop_tokens(tokens, 0.0, keep=1, unk_id=0), tokens)
 
 
 def test_learns_an_order_dependent_task_a_bag_of_characters_cannot(order_csv: Path, tmp_path: Path) -> None:
@@ -174,8 +184,9 @@ def test_a_checkpoint_with_both_heads_round_trips(order_csv: Path, tmp_path: Pat
 
 
 def test_interrupted_run_resumes_exactly(order_csv: Path, tmp_path: Path) -> None:
-    options = dict(model_options={"hidden": 16, "emb_dim": 8, "layers": 1}, max_steps=60, eval_every=25,
-                   device="cpu", lm_weight=0.5)
+    # Both random regularisers on: their draws must continue exactly where the interrupted run stopped.
+    options = dict(model_options={"hidden": 16, "emb_dim": 8, "layers": 1, "weight_drop": 0.2}, max_steps=60,
+                   eval_every=25, device="cpu", lm_weight=0.5, token_dropout=0.2)
     straight = prepare_classifier([str(order_csv)], tmp_path / "a", **options)
     straight.run()
     stop = threading.Event()
