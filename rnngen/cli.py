@@ -672,8 +672,9 @@ def classify_train(data: tuple[str, ...], base: str | None, out: str | None, res
                    label_column: str, no_header: bool, fmt: str | None, encoding: str, skip_bad_rows: bool,
                    arch: str | None, layers: int | None, hidden: int | None, emb_dim: int | None,
                    dropout: float | None, emb_dropout: float | None, weight_drop: float | None,
-                   tie_weights: bool | None, tokenizer: str | None, vocab_size: int | None, min_char_count: int | None, bidirectional: bool,
-                   quiet: bool, as_json: bool, **options: Any) -> None:
+                   tie_weights: bool | None, tokenizer: str | None, vocab_size: int | None,
+                   min_char_count: int | None, bidirectional: bool, quiet: bool, as_json: bool,
+                   **options: Any) -> None:
     """Train a classifier on labelled DATA: CSV/TSV, JSONL, or a folder of class files or class folders.
 
     From scratch, or with --from fine-tuning a trained language model (its tokenizer is kept; lower

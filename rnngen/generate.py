@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -153,6 +153,7 @@ class Generator:
         self.graph_error: Exception | None = None  # why a CUDA graph could not be captured, if it ever failed
         self.use_triton = True  # CUDA, one stream of an fp32 LSTM: step in Triton kernels (see triton_step)
         self.triton_error: Exception | None = None  # why the Triton step failed, if it ever did
+        self._triton_step: Callable[..., Any] | bool | None = None  # built on first use; False: not for this model
         self._graphs: dict[tuple[Any, ...], GraphSampler] = {}  # captured CUDA graphs, by sampling settings
         if model.config.label_tokens:  # label tokens only ever begin a text: never generate one
             with torch.no_grad():
@@ -358,10 +359,11 @@ class Generator:
         config = SampleConfig(temperature=key[2], top_k=key[3], top_p=key[4], greedy=key[1])
         steps = [self._model_step]  # the model's own step: cuDNN, the plain path's numbers in fewer kernels
         if key[0] == 1 and self.use_triton and self.triton_error is None:
-            from .triton_step import triton_step  # imports Triton: only here, where it may be used
+            if self._triton_step is None:
+                from .triton_step import triton_step  # imports Triton: only here, where it may be used
 
-            fused = triton_step(self.stepper())
-            steps = [fused, *steps] if fused is not None else steps
+                self._triton_step = triton_step(self.stepper()) or False
+            steps = [self._triton_step, *steps] if self._triton_step else steps
         for step in steps:
             try:
                 return GraphSampler(step, state, logits, lambda lg, gumbel: pick_tokens(lg, config, None, gumbel),
