@@ -34,7 +34,7 @@ Step = Callable[[torch.Tensor, State], tuple[torch.Tensor, State]]
 
 if triton is not None:
     @triton.jit
-    def _tanh(x):
+    def _tanh(x):  # from sigmoid: a tanh of Triton's own is backend-specific and absent from its interpreter
         return 2 * tl.sigmoid(2 * x) - 1
 
     @triton.jit
@@ -87,10 +87,10 @@ class TritonLSTM:
 
     def __init__(self, stepper: Stepper) -> None:
         s = stepper
-        self.layers, self.hidden, self.vocab_size = s.layers, s.hidden, s.vocab_size
-        self.table = s.table  # (V, 4H): layer 0's input gates and both biases, per token id
-        # Stepper keeps W^T (K, 4H) for addmm; the kernels read W (4H, K), one row per gate and unit.
-        self.weights = [(s.w_hh0.t().contiguous(), self.table, 0)]
+        self.hidden, self.vocab_size = s.hidden, s.vocab_size
+        # Stepper keeps W^T (K, 4H) for addmm; the kernels read W (4H, K), one row per gate and unit. Layer 0's
+        # "bias" is the (V, 4H) table of its input gates (both biases included), one row per token id.
+        self.weights = [(s.w_hh0.t().contiguous(), s.table, 0)]
         self.weights += [(w.t().contiguous(), b, self.hidden) for w, b in s.upper]
         self.w_out, self.b_out = s.w_out.t().contiguous(), s.b_out
 
