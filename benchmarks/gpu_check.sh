@@ -5,6 +5,8 @@
 #   3. portability: a CPU-trained checkpoint samples on the GPU, a GPU-trained one on the CPU,
 #   4. time to quality: best validation loss on tiny Shakespeare within 120 s of training (110 s + evaluations).
 # Usage: RNNGEN_SHARED=/path/to/shared bash benchmarks/gpu_check.sh [OUTDIR]
+# Knobs (environment): RNNGEN_GPU_TEST_FILTER (pytest -k), RNNGEN_GPU_SAMPLE=0, RNNGEN_GPU_SWEEP=1 (Triton tilings),
+# RNNGEN_GPU_PORTABILITY=0, RNNGEN_GPU_CONFIG_FILE (one "name args" line per training run).
 # Needs torch with CUDA, click, rich, safetensors, sentencepiece, numpy and pytest already installed.
 set -u
 cd "$(dirname "$0")/.."
@@ -23,7 +25,7 @@ EOF
 
 log "1. tests with CUDA available"
 timeout "${RNNGEN_GPU_TEST_SECONDS:-90}" python3 -m pytest -q -x -p no:cacheprovider tests/test_fastpath.py \
-    tests/test_model.py 2>&1 | tail -n 15
+    tests/test_model.py -k "${RNNGEN_GPU_TEST_FILTER:-}" 2>&1 | tail -n 15
 
 if [ "${RNNGEN_GPU_SAMPLE:-1}" = 1 ]; then
     log "2. sampling speed, 3x512 LSTM, batch 1"
@@ -31,6 +33,13 @@ if [ "${RNNGEN_GPU_SAMPLE:-1}" = 1 ]; then
     cp benchmarks/out/sample_speed*.json "$OUT_DIR"/ 2>/dev/null
 fi
 
+if [ "${RNNGEN_GPU_SWEEP:-0}" = 1 ]; then
+    log "2b. Triton tilings, 3x512 LSTM, batch 1"
+    timeout 150 python3 benchmarks/triton_sweep.py 2>&1 | tail -n 25
+    cp benchmarks/out/triton_sweep*.json "$OUT_DIR"/ 2>/dev/null
+fi
+
+if [ "${RNNGEN_GPU_PORTABILITY:-1}" = 1 ]; then
 log "3. portability"
 CPU_RUN=${RNNGEN_CPU_CHECKPOINT:-}
 if [ -n "$CPU_RUN" ] && [ -d "$CPU_RUN" ]; then
@@ -40,6 +49,7 @@ rm -rf /tmp/gpu_tiny
 rnngen train "$SHARED/data/tinyshakespeare.txt" --out /tmp/gpu_tiny --device cuda --max-steps 60 --eval-every 30 \
     --hidden 64 --layers 1 --quiet && rnngen sample /tmp/gpu_tiny --device cpu --length 80 --seed 1 \
     && echo "GPU-trained checkpoint sampled on cpu: ok"
+fi
 
 log "4. tiny Shakespeare, 110 s of training on the GPU (the target: 120 s)"
 # One line per configuration in shakespeare.jsonl, one metrics file each (a borrowed machine returns few files).

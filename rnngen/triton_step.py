@@ -26,9 +26,13 @@ try:
 except ImportError:  # Triton ships with PyTorch's CUDA builds; without it the cuDNN step is used
     triton = None
 
-UNITS = 4  # hidden units per program: 4 gates x 4 units = 16 weight rows
-BLOCK_K = 256  # inputs per pass of the inner loop
-BLOCK_V = 32  # logits per program
+# The tiling, from benchmarks/triton_sweep.py on an H200 (3x512 LSTM): one unit per program (512 programs
+# keep every SM busy) and each row read in one pass (all loads in flight at once) was 1.65x the first
+# tiling tried (4 units, 256-wide passes).
+UNITS = 1  # hidden units per program: 4 gates x 1 unit = 4 weight rows
+BLOCK_K = None  # inputs per pass of the inner loop; None: a whole row in one pass
+BLOCK_V = 8  # logits per program
+NUM_WARPS = 4
 
 Step = Callable[[torch.Tensor, State], tuple[torch.Tensor, State]]
 
@@ -85,27 +89,34 @@ if triton is not None:
 class TritonLSTM:
     """A ``Stepper``'s LSTM weights in the kernels' layout; ``step`` is what ``Stepper.step`` computes, at batch 1."""
 
-    def __init__(self, stepper: Stepper) -> None:
+    def __init__(self, stepper: Stepper, units: int = UNITS, block_k: int | None = BLOCK_K, block_v: int = BLOCK_V,
+                 num_warps: int = NUM_WARPS) -> None:
         s = stepper
         self.hidden, self.vocab_size = s.hidden, s.vocab_size
+        self.units, self.block_v, self.num_warps = units, block_v, num_warps
         # Stepper keeps W^T (K, 4H) for addmm; the kernels read W (4H, K), one row per gate and unit. Layer 0's
         # "bias" is the (V, 4H) table of its input gates (both biases included), one row per token id.
         self.weights = [(s.w_hh0.t().contiguous(), s.table, 0)]
         self.weights += [(w.t().contiguous(), b, self.hidden) for w, b in s.upper]
         self.w_out, self.b_out = s.w_out.t().contiguous(), s.b_out
+        # Inputs per pass of each layer's inner loop, and of the logits kernel's
+        self.block_k = [block_k or triton.next_power_of_2(k_in + self.hidden) for _, _, k_in in self.weights]
+        self.block_k_out = block_k or triton.next_power_of_2(self.hidden)
 
     def step(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         """Logits (1, V) after ``tokens`` (1,) and the new state ((L, 1, H) each, new tensors)."""
         h, c = (s.contiguous() for s in state)
         h_new, c_new = torch.empty_like(h), torch.empty_like(c)
         H = self.hidden
-        for layer, (w, bias, k_in) in enumerate(self.weights):
+        for layer, ((w, bias, k_in), block_k) in enumerate(zip(self.weights, self.block_k)):
             x = h_new[layer - 1] if layer else h[layer]  # layer 0 reads no x (its input gates are in the table)
-            _lstm_layer[(triton.cdiv(H, UNITS),)](w, bias, x, h[layer], c[layer], h_new[layer], c_new[layer],
-                                                  tokens, k_in, H, TABLE=layer == 0, UNITS=UNITS, BLOCK_K=BLOCK_K)
+            _lstm_layer[(triton.cdiv(H, self.units),)](
+                w, bias, x, h[layer], c[layer], h_new[layer], c_new[layer], tokens, k_in, H, TABLE=layer == 0,
+                UNITS=self.units, BLOCK_K=block_k, num_warps=self.num_warps)
         logits = torch.empty(1, self.vocab_size, device=h.device, dtype=h.dtype)
-        _logits[(triton.cdiv(self.vocab_size, BLOCK_V),)](self.w_out, self.b_out, h_new[-1], logits, self.vocab_size,
-                                                          H, BLOCK_V=BLOCK_V, BLOCK_K=BLOCK_K)
+        _logits[(triton.cdiv(self.vocab_size, self.block_v),)](
+            self.w_out, self.b_out, h_new[-1], logits, self.vocab_size, H, BLOCK_V=self.block_v,
+            BLOCK_K=self.block_k_out, num_warps=self.num_warps)
         return logits, (h_new, c_new)
 
 

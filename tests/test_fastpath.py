@@ -359,21 +359,23 @@ def test_triton_step_equals_the_stepper(layers: int, hidden: int, vocab: int) ->
     """The kernels' arithmetic, on the GPU or else in Triton's interpreter (conftest): units that do not fill
     a program (18 = 4 x 4 + 2), several layers, and inputs longer than one pass of the inner loop (2 x 130)."""
     pytest.importorskip("triton", reason="Triton is not installed (the test extras install it on Linux x86-64)")
-    from rnngen.triton_step import triton_step
+    from rnngen.triton_step import TritonLSTM, triton_step
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = random_model("lstm", layers=layers, hidden=hidden, vocab=vocab, device=device)
     stepper = Stepper(model)
     step = triton_step(stepper)
     assert step is not None
-    state = expected_state = random_state(model, 1)
-    for token in (3, 0, vocab - 1):
-        tokens = torch.tensor([token], device=device)
-        logits, state = step(tokens, state)
-        expected, expected_state = stepper.step(tokens, expected_state)
-        torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
-        for got, want in zip(state, expected_state):
-            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # the default tiling (one unit per program, each row in one pass), and 4 units with 256-wide passes
+    for step in (step, TritonLSTM(stepper, units=4, block_k=256, block_v=32).step):
+        state = expected_state = random_state(model, 1)
+        for token in (3, 0, vocab - 1):
+            tokens = torch.tensor([token], device=device)
+            logits, state = step(tokens, state)
+            expected, expected_state = stepper.step(tokens, expected_state)
+            torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+            for got, want in zip(state, expected_state):
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert triton_step(Stepper(random_model("gru"))) is None  # LSTMs only
     assert triton_step(Stepper(random_model("lstm", dtype=torch.bfloat16))) is None  # fp32 only
 
@@ -392,7 +394,7 @@ def test_cuda_triton_graph_samples_what_the_cudnn_graph_samples(tmp_path: Path,
     cudnn.use_triton = False
     for options in ({"temperature": 1.0, "seed": 3}, {"temperature": 0.7, "top_k": 5, "seed": 4}):
         text = gen.sample("ab", length=300, **options)
-        assert text == cudnn.sample("ab", length=300, **options) and len(set(text)) > 5
+        assert text == cudnn.sample("ab", length=300, **options) and len(set(text)) >= 4  # top-k 5: 5 at most
     assert gen.triton_error is None and gen.graph_error is None
     assert {type(s.step.__self__).__name__ for s in gen._graphs.values()} == {"TritonLSTM"}
 
