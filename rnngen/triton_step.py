@@ -33,6 +33,7 @@ UNITS = 1  # hidden units per program: 4 gates x 1 unit = 4 weight rows
 BLOCK_K = None  # inputs per pass of the inner loop; None: a whole row in one pass
 BLOCK_V = 8  # logits per program
 NUM_WARPS = 4
+MAX_ROW_PASS = 2048  # "a whole row in one pass" stops here: wider passes would spill the registers
 
 Step = Callable[[torch.Tensor, State], tuple[torch.Tensor, State]]
 
@@ -100,8 +101,11 @@ class TritonLSTM:
         self.weights += [(w.t().contiguous(), b, self.hidden) for w, b in s.upper]
         self.w_out, self.b_out = s.w_out.t().contiguous(), s.b_out
         # Inputs per pass of each layer's inner loop, and of the logits kernel's
-        self.block_k = [block_k or triton.next_power_of_2(k_in + self.hidden) for _, _, k_in in self.weights]
-        self.block_k_out = block_k or triton.next_power_of_2(self.hidden)
+        def row_pass(k: int) -> int:
+            return block_k or min(triton.next_power_of_2(k), MAX_ROW_PASS)
+
+        self.block_k = [row_pass(k_in + self.hidden) for _, _, k_in in self.weights]
+        self.block_k_out = row_pass(self.hidden)
 
     def step(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         """Logits (1, V) after ``tokens`` (1,) and the new state ((L, 1, H) each, new tensors)."""

@@ -356,8 +356,9 @@ def test_cuda_falls_back_to_eager_steps_when_capture_fails(tmp_path: Path, monke
 # ------------------------------------------------------------------------------------ Triton kernels
 @pytest.mark.parametrize("layers, hidden, vocab", [(1, 18, 7), (3, 40, 23), (2, 130, 65)])
 def test_triton_step_equals_the_stepper(layers: int, hidden: int, vocab: int) -> None:
-    """The kernels' arithmetic, on the GPU or else in Triton's interpreter (conftest): units that do not fill
-    a program (18 = 4 x 4 + 2), several layers, and inputs longer than one pass of the inner loop (2 x 130)."""
+    """The kernels' arithmetic, on the GPU or else in Triton's interpreter (conftest), in two tilings: several
+    layers; with 4 units per program, units that do not fill a program (18 = 4 x 4 + 2) and inputs longer
+    than one 256-wide pass of the inner loop (2 x 130)."""
     pytest.importorskip("triton", reason="Triton is not installed (the test extras install it on Linux x86-64)")
     from rnngen.triton_step import TritonLSTM, triton_step
 
