@@ -267,11 +267,12 @@ class GraphSampler:
             self.gumbel.exponential_(generator=generator).log_().neg_()  # -log(Exp(1)): Gumbel(0, 1)
         self.graph.replay()
 
-    def blocks(self, generator: torch.Generator, count: int) -> Iterator[tuple[list[list[int]], State,
-                                                                                torch.Tensor | None]]:
-        """Run ``count`` blocks; for each yield the token ids (block, B) and, with ``track``, copies of the
-        state (block, L, B, H) and logits (block, B, V) after each position. While the caller reads one
-        block, the device already computes the next."""
+    def blocks(self, generator: torch.Generator, length: int) -> Iterator[tuple[list[list[int]], State,
+                                                                                 torch.Tensor | None]]:
+        """Run blocks until ``length`` tokens; for each yield the token ids (block, B) (the last cut at
+        ``length``) and, with ``track``, copies of the state (block, L, B, H) and logits (block, B, V) after
+        each position. While the caller reads one block, the device already computes the next."""
+        count = -(-length // self.block)
         self._launch(generator)
         for b in range(count):
             with torch.inference_mode():
@@ -282,4 +283,4 @@ class GraphSampler:
             if b + 1 < count:
                 self._launch(generator)
             self.copied.synchronize()
-            yield self.host_tokens.tolist(), states, logits
+            yield self.host_tokens.tolist()[:length - b * self.block], states, logits

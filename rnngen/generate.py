@@ -13,12 +13,13 @@ import torch
 
 from .checkpoint import load_checkpoint, run_dir_of
 from .config import SampleConfig
+from .cpu_step import NativeLSTM, NativeSampler, NativeUnavailable
 from .errors import InputError
 from .fastpath import GraphSampler, Stepper
 from .model import RNNModel, State
 from .tokenizers import Tokenizer
 
-GRAPH_BLOCK = 32  # tokens per CUDA-graph replay (runs of at most this many tokens step eagerly)
+BLOCK = 32  # tokens per CUDA-graph replay or call of the compiled CPU step (shorter runs step eagerly)
 GRAPH_CACHE = 8  # captured graphs kept per Generator (one per batch size and sampling settings)
 FAST_DEVICES = ("cpu", "cuda")  # where the fast steps are used (elsewhere the model is called per token)
 LABELLED_END = ("\n",)  # a labelled example's text ends at a newline (see classify.py)
@@ -155,6 +156,9 @@ class Generator:
         self.triton_error: Exception | None = None  # why the Triton step failed, if it ever did
         self._triton_step: Callable[..., Any] | bool | None = None  # built on first use; False: not for this model
         self._graphs: dict[tuple[Any, ...], GraphSampler] = {}  # captured CUDA graphs, by sampling settings
+        self.use_native = True  # CPU, one stream of an fp32 LSTM: sample in compiled C (see cpu_step)
+        self.native_error: Exception | None = None  # why the compiled step cannot be used, if it cannot
+        self._native: NativeLSTM | None = None  # built on first use
         if model.config.label_tokens:  # label tokens only ever begin a text: never generate one
             with torch.no_grad():
                 model.lm_head.bias[model.config.text_vocab_size:] = float("-inf")
@@ -295,20 +299,20 @@ class Generator:
             state = tuple(torch.cat(pair, dim=1) for pair in zip(state, free_state))
             logits = torch.cat([logits, free_logits])
         key = (n, config.greedy, config.temperature, config.top_k, config.top_p, track)
-        long_run = config.length > GRAPH_BLOCK and free is None
-        sampler = self._graph_sampler(key, state, logits) if long_run else None
+        long_run = config.length > BLOCK and free is None
+        sampler = self._block_sampler(key, state, logits) if long_run else None
         if sampler is not None:
             try:
-                block = sampler.block
-                for b, (ids, states, all_logits) in enumerate(sampler.blocks(generator, -(-config.length // block))):
-                    for k in range(min(block, config.length - b * block)):
+                for ids, states, all_logits in sampler.blocks(generator, config.length):
+                    for k in range(len(ids)):
                         if track:
                             cursor.state, cursor.logits = tuple(s[k] for s in states), all_logits[k]
                         yield ids[k]
             finally:  # back in the cache (taken out while in use: an interleaved run captures its own)
-                self._graphs[key] = sampler
-                while len(self._graphs) > GRAPH_CACHE:
-                    del self._graphs[next(iter(self._graphs))]
+                if isinstance(sampler, GraphSampler):
+                    self._graphs[key] = sampler
+                    while len(self._graphs) > GRAPH_CACHE:
+                        del self._graphs[next(iter(self._graphs))]
             return
         fast = self.fast and self.device.type in FAST_DEVICES
         with torch.inference_mode():
@@ -343,13 +347,31 @@ class Generator:
         out, state = self.model(tokens.view(-1, 1), state)
         return out[:, -1], state
 
-    def _graph_sampler(self, key: tuple[Any, ...], state: State, logits: torch.Tensor) -> GraphSampler | None:
-        """A CUDA-graph sampler for ``key`` (n, greedy, temperature, top_k, top_p, track), from the cache or
-        captured now, starting at ``state`` and ``logits``; None off CUDA, without the fast path, or once a
-        capture has failed (the error is kept in ``graph_error``; the eager steps are used instead).
+    def _native_sampler(self, key: tuple[Any, ...], state: State, logits: torch.Tensor) -> NativeSampler | None:
+        """The compiled CPU sampler for one stream of an fp32 LSTM without top-k or top-p; None where it
+        cannot run (the reason is kept in ``native_error``; the torch steps are used instead)."""
+        n, greedy, temperature, top_k, top_p, track = key
+        if not (self.use_native and n == 1 and top_k is None and top_p is None and self.native_error is None):
+            return None
+        if self._native is None:
+            try:
+                self._native = NativeLSTM(self.stepper())
+            except NativeUnavailable as exc:
+                self.native_error = exc
+                return None
+        return NativeSampler(self._native, state, logits, None if greedy else temperature, track, BLOCK)
+
+    def _block_sampler(self, key: tuple[Any, ...], state: State,
+                       logits: torch.Tensor) -> GraphSampler | NativeSampler | None:
+        """A sampler of blocks of tokens for ``key`` (n, greedy, temperature, top_k, top_p, track) starting at
+        ``state`` and ``logits``: on the CPU the compiled step where it applies, on CUDA a CUDA graph (from
+        the cache or captured now); None without the fast path, or once a capture has failed (the error is
+        kept in ``graph_error``; the eager steps are used instead).
 
         A single stream of an fp32 LSTM steps through Triton kernels where Triton runs (``use_triton``; a
         failure is kept in ``triton_error`` and the model's own step is captured instead)."""
+        if self.fast and self.device.type == "cpu":
+            return self._native_sampler(key, state, logits)
         if not (self.fast and self.device.type == "cuda" and self.graph_error is None):
             return None
         sampler = self._graphs.pop(key, None)
@@ -367,7 +389,7 @@ class Generator:
         for step in steps:
             try:
                 return GraphSampler(step, state, logits, lambda lg, gumbel: pick_tokens(lg, config, None, gumbel),
-                                    noisy=not config.greedy, track=key[5], block=GRAPH_BLOCK)
+                                    noisy=not config.greedy, track=key[5], block=BLOCK)
             except Exception as exc:  # any capture problem: the next step, then the eager fast steps for good
                 if step is not steps[-1]:  # the Triton step
                     self.triton_error = exc

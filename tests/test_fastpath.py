@@ -174,13 +174,17 @@ def test_pick_tokens_with_gumbel_noise_drawn_in_advance() -> None:
 
 
 # ------------------------------------------------------------------------------------------- the text
-@pytest.mark.parametrize("arch,length", [("lstm", 2500), ("gru", 600), ("rnn", 600)])
-def test_same_seed_same_text_as_the_plain_path(tmp_path: Path, arch: str, length: int) -> None:
+@pytest.mark.parametrize("arch,length,native", [("lstm", 2500, True), ("lstm", 2500, False), ("gru", 600, False),
+                                                ("rnn", 600, False)])
+def test_same_seed_same_text_as_the_plain_path(tmp_path: Path, arch: str, length: int, native: bool) -> None:
+    """The torch step, and for LSTMs the compiled CPU step (rnngen.cpu_step), against one model call per token."""
     gen = save_generator(tmp_path, arch, sharpen=1.5)  # a soft distribution: many different characters
+    gen.use_native = native
     options = {"length": length, "temperature": 1.0, "seed": 11}
     text = gen.sample("the ", **options)
     assert len(text) == length and len(set(text)) > 15
     assert text == plain(gen).sample("the ", **options)
+    assert (gen._native is not None) == native and gen.native_error is None
 
 
 def test_greedy_top_k_top_p_equal_the_plain_path(gen: Generator) -> None:
@@ -205,6 +209,7 @@ def test_cursor_follows_the_text(gen: Generator) -> None:
 
 
 def test_one_fast_step_per_new_token(gen: Generator, monkeypatch: pytest.MonkeyPatch) -> None:
+    gen.use_native = False  # the torch step (the compiled one steps in blocks: tests/test_cpu_step.py)
     model_calls: list[int] = []
     steps: list[int] = []
     advance = Streams.advance

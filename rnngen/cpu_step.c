@@ -1,0 +1,164 @@
+/* rnngen's batch-1 LSTM sampler for the CPU: a block of steps, each followed by its sampling, in one call.
+ *
+ * Built by rnngen/cpu_step.py with the machine's C compiler on first use (see that file for the layout of
+ * the weights). Per step, every thread computes the gates of its own blocks of UB hidden units (so the cell
+ * update needs nothing from the other threads), then waits for the others at a barrier before the next
+ * layer reads the new h. Each output is always summed by one thread in the same order, so the result does
+ * not depend on the number of threads.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#define UB 32       /* hidden units per block */
+#define GB (4 * UB) /* gate pre-activations per block: i, f, o, g of its UB units, in that order */
+
+/* exp(x) to about 1 ulp, branch-free so that the compiler vectorises the loops that call it (Cephes' expf). */
+static inline float exp_approx(float x) {
+    x = fminf(fmaxf(x, -87.3f), 88.7f);
+    float n = floorf(x * 1.44269504088896341f + 0.5f);
+    float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    union { float f; int32_t i; } scale = { .i = ((int32_t)n + 127) << 23 };
+    return p * scale.f;
+}
+
+static inline float sigmoid(float x) { return 1.0f / (1.0f + exp_approx(-x)); }
+
+static inline float tanh_approx(float x) {
+    float e = exp_approx(-2.0f * fabsf(x));
+    return copysignf((1.0f - e) / (1.0f + e), x);
+}
+
+/* gates = bias + W @ [a | b] for one block: panel rows 0..ka-1 read a, rows ka..ka+kb-1 read b (GB wide). */
+static void block_gates(const float *restrict panel, const float *restrict bias, const float *restrict a, int ka,
+                        const float *restrict b, int kb, float *restrict gates) {
+    float acc[GB];
+    for (int j = 0; j < GB; j++) acc[j] = bias[j];
+    for (int k = 0; k < ka; k++, panel += GB) {
+        const float x = a[k];
+        for (int j = 0; j < GB; j++) acc[j] += x * panel[j];
+    }
+    for (int k = 0; k < kb; k++, panel += GB) {
+        const float x = b[k];
+        for (int j = 0; j < GB; j++) acc[j] += x * panel[j];
+    }
+    memcpy(gates, acc, sizeof acc);
+}
+
+/* c = f * c + i * g, h = o * tanh(c) for the UB units of one block. */
+static void block_cell(const float *restrict gates, float *restrict c, float *restrict h) {
+    for (int u = 0; u < UB; u++) {
+        float i = sigmoid(gates[u]), f = sigmoid(gates[UB + u]), o = sigmoid(gates[2 * UB + u]);
+        float g = tanh_approx(gates[3 * UB + u]);
+        c[u] = f * c[u] + i * g;
+        h[u] = o * tanh_approx(c[u]);
+    }
+}
+
+/* The next token from logits: argmax (greedy: temperature <= 0), or the argmax of softmax(logits / T) / q
+ * with q the step's Exp(1) draws: exactly how rnngen.generate.pick_tokens samples. */
+static int64_t pick(const float *logits, int V, float temperature, const float *q, float *scratch) {
+    int64_t best = 0;
+    if (temperature <= 0.0f || q == NULL) {
+        for (int v = 1; v < V; v++) if (logits[v] > logits[best]) best = v;
+        return best;
+    }
+    float m = -INFINITY, sum = 0.0f;
+    for (int v = 0; v < V; v++) { scratch[v] = logits[v] / temperature; m = fmaxf(m, scratch[v]); }
+    for (int v = 0; v < V; v++) { scratch[v] = exp_approx(scratch[v] - m); sum += scratch[v]; }
+    float inv = 1.0f / sum, top = -1.0f;
+    for (int v = 0; v < V; v++) {
+        float score = scratch[v] * inv / q[v];
+        if (score > top) { top = score; best = v; }
+    }
+    return best;
+}
+
+/* After a step: its new h becomes the state, and with tracking the state and logits are kept for step s. */
+static void finish_step(int s, int L, int HP, int V, float *h, const float *hn, const float *c, const float *logits,
+                        float *track_h, float *track_c, float *track_logits) {
+    const size_t n = (size_t)L * HP;
+    memcpy(h, hn, sizeof(float) * n);
+    if (track_h) {
+        memcpy(track_h + (size_t)s * n, h, sizeof(float) * n);
+        memcpy(track_c + (size_t)s * n, c, sizeof(float) * n);
+        memcpy(track_logits + (size_t)s * V, logits, sizeof(float) * (size_t)V);
+    }
+}
+
+/* Run `steps` steps from the state (h: (L, HP), c: (L, HP)) and the logits before the first (V): pick a
+ * token, advance, and so on. tokens[s] gets step s's token; with track_h/track_c/track_logits non-NULL the
+ * state and logits after each step too. h, c and logits end at the last step. hn: (L, HP) scratch for the
+ * new h (the old one is still being read by the other threads); scratch: (V).
+ *   panels[l]: layer l's weights, (HP / UB) blocks of (K_l, GB), K_0 = HP (h_0), K_l = 2 HP (h_{l-1} | h_l);
+ *   table: (V, HP / UB, GB) layer 0's input gates per token (biases included); biases[l-1]: (HP / UB, GB);
+ *   w_out: (HP, V), b_out: (V). noise: (steps, V) Exp(1) draws, NULL when greedy. */
+void rnngen_lstm_sample(const float *const *panels, const float *table, const float *const *biases,
+                        const float *w_out, const float *b_out, int L, int HP, int V,
+                        float *h, float *hn, float *c, float *logits, float *scratch,
+                        const float *noise, float temperature, int steps, int threads,
+                        int64_t *tokens, float *track_h, float *track_c, float *track_logits) {
+    const int blocks = HP / UB;
+    int64_t token = 0;
+#ifdef _OPENMP
+#pragma omp parallel num_threads(threads)
+#endif
+    {
+#ifdef _OPENMP
+        const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+#else
+        const int t = 0, nt = 1;
+        (void)threads;
+#endif
+        const int b0 = blocks * t / nt, b1 = blocks * (t + 1) / nt;
+        const int v0 = V * t / nt, v1 = V * (t + 1) / nt;
+        float gates[GB];
+        for (int s = 0; s < steps; s++) {
+#ifdef _OPENMP
+#pragma omp single
+#endif
+            {
+                if (s > 0) finish_step(s - 1, L, HP, V, h, hn, c, logits, track_h, track_c, track_logits);
+                token = pick(logits, V, temperature, noise ? noise + (size_t)s * V : NULL, scratch);
+                tokens[s] = token;
+            } /* (the implicit barrier: every thread sees the token and the state) */
+            for (int l = 0; l < L; l++) {
+                for (int b = b0; b < b1; b++) {
+                    const size_t at = (size_t)l * HP + (size_t)b * UB;
+                    if (l == 0)
+                        block_gates(panels[0] + (size_t)b * HP * GB, table + ((size_t)token * blocks + b) * GB,
+                                    h, HP, NULL, 0, gates);
+                    else
+                        block_gates(panels[l] + (size_t)b * 2 * HP * GB, biases[l - 1] + (size_t)b * GB,
+                                    hn + (size_t)(l - 1) * HP, HP, h + (size_t)l * HP, HP, gates);
+                    block_cell(gates, c + at, hn + at);
+                }
+#ifdef _OPENMP
+#pragma omp barrier
+#endif
+            }
+            /* logits = b_out + h_top @ w_out, each thread its share of the vocabulary */
+            const float *top = hn + (size_t)(L - 1) * HP;
+            for (int v = v0; v < v1; v++) logits[v] = b_out[v];
+            for (int k = 0; k < HP; k++) {
+                const float x = top[k];
+                const float *w = w_out + (size_t)k * V;
+                for (int v = v0; v < v1; v++) logits[v] += x * w[v];
+            }
+#ifdef _OPENMP
+#pragma omp barrier
+#endif
+        }
+    }
+    if (steps > 0) finish_step(steps - 1, L, HP, V, h, hn, c, logits, track_h, track_c, track_logits);
+}
