@@ -16,11 +16,13 @@
 #define UB 32       /* hidden units per block */
 #define GB (4 * UB) /* gate pre-activations per block: i, f, o, g of its UB units, in that order */
 
-/* exp(x) to about 1 ulp, branch-free so that the compiler vectorises the loops that call it (Cephes' expf). */
+/* exp(x) to about 1 ulp (Cephes' expf), written so that the compiler vectorises the loops that call it: no
+ * branches and no library calls (floorf, fminf and copysignf stop GCC from vectorising without -ffast-math).
+ * 0 below -87.3 (where exp(x) leaves the normal floats), as for -inf. */
 static inline float exp_approx(float x) {
-    x = fminf(fmaxf(x, -87.3f), 88.7f);
-    float n = floorf(x * 1.44269504088896341f + 0.5f);
-    float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+    const float y = x < -87.3f ? -87.3f : (x > 88.0f ? 88.0f : x);
+    const float n = (y * 1.44269504088896341f + 12582912.0f) - 12582912.0f; /* round(y / ln 2), 1.5 * 2^23 trick */
+    const float r = y - n * 0.693359375f + n * 2.12194440e-4f;                /* y - n ln 2, in two parts */
     float p = 1.9875691500e-4f;
     p = p * r + 1.3981999507e-3f;
     p = p * r + 8.3334519073e-3f;
@@ -28,15 +30,18 @@ static inline float exp_approx(float x) {
     p = p * r + 1.6666665459e-1f;
     p = p * r + 5.0000001201e-1f;
     p = p * r * r + r + 1.0f;
-    union { float f; int32_t i; } scale = { .i = ((int32_t)n + 127) << 23 };
-    return p * scale.f;
+    const int32_t bits = ((int32_t)n + 127) << 23; /* 2^n, built in the exponent field */
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return x < -87.3f ? 0.0f : p * scale;
 }
 
 static inline float sigmoid(float x) { return 1.0f / (1.0f + exp_approx(-x)); }
 
 static inline float tanh_approx(float x) {
-    float e = exp_approx(-2.0f * fabsf(x));
-    return copysignf((1.0f - e) / (1.0f + e), x);
+    const float e = exp_approx(-2.0f * fabsf(x));
+    const float t = (1.0f - e) / (1.0f + e);
+    return x < 0.0f ? -t : t;
 }
 
 /* gates = bias + W @ [a | b] for one block: panel rows 0..ka-1 read a, rows ka..ka+kb-1 read b (GB wide). */
@@ -74,8 +79,12 @@ static int64_t pick(const float *logits, int V, float temperature, const float *
         return best;
     }
     float m = -INFINITY, sum = 0.0f;
-    for (int v = 0; v < V; v++) { scratch[v] = logits[v] / temperature; m = fmaxf(m, scratch[v]); }
-    for (int v = 0; v < V; v++) { scratch[v] = exp_approx(scratch[v] - m); sum += scratch[v]; }
+    for (int v = 0; v < V; v++) {
+        scratch[v] = logits[v] / temperature;
+        m = scratch[v] > m ? scratch[v] : m;
+    }
+    for (int v = 0; v < V; v++) scratch[v] = exp_approx(scratch[v] - m);
+    for (int v = 0; v < V; v++) sum += scratch[v];
     float inv = 1.0f / sum, top = -1.0f;
     for (int v = 0; v < V; v++) {
         float score = scratch[v] * inv / q[v];

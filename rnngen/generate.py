@@ -304,9 +304,12 @@ class Generator:
         if sampler is not None:
             try:
                 for ids, states, all_logits in sampler.blocks(generator, config.length):
+                    if track:  # views of each position, made in a few calls (indexing each costs a microsecond)
+                        positions = list(zip(*(s.unbind(0) for s in states), all_logits.unbind(0)))  # type: ignore[union-attr]
                     for k in range(len(ids)):
                         if track:
-                            cursor.state, cursor.logits = tuple(s[k] for s in states), all_logits[k]
+                            *cursor_state, cursor.logits = positions[k]
+                            cursor.state = tuple(cursor_state)
                         yield ids[k]
             finally:  # back in the cache (taken out while in use: an interleaved run captures its own)
                 if isinstance(sampler, GraphSampler):
