@@ -14,7 +14,9 @@ import pytest
 import torch
 
 import rnngen
-from rnngen.classify import classification_metrics, drop_tokens, length_batches, pad, prepare_classifier
+from rnngen.checkpoint import load_checkpoint
+from rnngen.classify import (WeightAverage, classification_metrics, drop_tokens, length_batches, pad,
+                             prepare_classifier)
 from rnngen.config import ModelConfig
 from rnngen.model import ClassifierHead, RNNModel
 
@@ -183,10 +185,12 @@ def test_a_checkpoint_with_both_heads_round_trips(order_csv: Path, tmp_path: Pat
         assert result["probability"] == pytest.approx(float(probs.max()), abs=1e-5)
 
 
-def test_interrupted_run_resumes_exactly(order_csv: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("ema", [0.0, 0.9])
+def test_interrupted_run_resumes_exactly(order_csv: Path, tmp_path: Path, ema: float) -> None:
     # Both random regularisers on: their draws must continue exactly where the interrupted run stopped.
+    # With --ema the moving average of the weights, which is what is evaluated, must continue too.
     options = dict(model_options={"hidden": 16, "emb_dim": 8, "layers": 1, "weight_drop": 0.2}, max_steps=60,
-                   eval_every=25, device="cpu", lm_weight=0.5, token_dropout=0.2)
+                   eval_every=25, device="cpu", lm_weight=0.5, token_dropout=0.2, ema=ema)
     straight = prepare_classifier([str(order_csv)], tmp_path / "a", **options)
     straight.run()
     stop = threading.Event()
@@ -206,6 +210,37 @@ def test_interrupted_run_resumes_exactly(order_csv: Path, tmp_path: Path) -> Non
     b = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in a] == [r["step"] for r in b]
     assert [r["val_accuracy"] for r in a] == [r["val_accuracy"] for r in b]
+
+
+def test_weight_average_by_hand() -> None:
+    layer = torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        layer.weight.fill_(0.0)
+    average = WeightAverage(layer, decay=0.5)
+    expected = 0.0
+    for n, value in enumerate([1.0, 2.0, 4.0], 1):
+        with torch.no_grad():
+            layer.weight.fill_(value)
+        average.update()
+        decay = min(0.5, (1 + n) / (10 + n))  # 0.5 from the first update on: (1 + 1) / 11 < 0.5
+        expected = decay * expected + (1 - decay) * value
+    assert average.average[0].item() == pytest.approx(expected)
+    with average.swapped_in():
+        assert layer.weight.item() == pytest.approx(expected)
+    assert layer.weight.item() == 4.0  # the trained weights are back
+
+
+def test_ema_keeps_the_averaged_weights_in_best(order_csv: Path, tmp_path: Path) -> None:
+    trainer = prepare_classifier([str(order_csv)], tmp_path / "run", model_options={"hidden": 16, "emb_dim": 8,
+                                 "layers": 1}, max_steps=40, eval_every=40, device="cpu", ema=0.95)
+    trainer.run()
+    best = load_checkpoint(tmp_path / "run" / "best", "cpu")[0].state_dict()  # as saved (no -inf label logits)
+    trained = trainer.model.state_dict()
+    names = [name for name, _ in trainer.model.named_parameters()]
+    assert names and all(torch.equal(best[n], a) for n, a in zip(names, trainer.average.average))
+    assert not all(torch.equal(best[n], trained[n]) for n in names)
+    proc = run_cli("classify", "train", str(order_csv), "--out", str(tmp_path / "bad"), "--ema", "1.5")
+    assert proc.returncode == 2 and "--ema" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_bidirectional_classifies_but_refuses_to_generate(order_csv: Path, tmp_path: Path) -> None:
