@@ -15,8 +15,7 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,8 +31,8 @@ from .errors import InputError
 from .labelled import LabelledData, read_labelled, stratified_split
 from .model import ClassifierHead, RNNModel
 from .tokenizers import Tokenizer, fit_tokenizer
-from .train import (LN2, TrainEvent, optimizer_from_saved, optimizer_to_saved, autocast, has_run, lr_at,
-                    resolve_device, use_bf16)
+from .train import (LN2, TrainEvent, WeightAverage, averaged, optimizer_from_saved, optimizer_to_saved, autocast,
+                    has_run, lr_at, resolve_device, use_bf16)
 
 
 @dataclass(frozen=True)
@@ -264,46 +263,6 @@ def make_grouped_optimizer(model: RNNModel, config: ClassifyConfig, fine_tune: b
 
 # -- the training loop --------------------------------------------------------------------------------------
 
-class WeightAverage:
-    """An exponential moving average of a model's parameters (Polyak averaging), for evaluation and keeping.
-
-    The average of the last few hundred steps' weights generalises better than the weights of any one
-    step, which on a small data set jump from batch to batch. Early on the decay is lowered to
-    (1 + n) / (10 + n) after n updates, so the average is not dominated by the initial weights.
-    """
-
-    def __init__(self, model: torch.nn.Module, decay: float) -> None:
-        self.decay, self.updates = decay, 0
-        self.params = [p for p in model.parameters()]
-        self.average = [p.detach().clone() for p in self.params]
-
-    @torch.no_grad()
-    def update(self) -> None:
-        self.updates += 1
-        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        torch._foreach_lerp_(self.average, [p.detach() for p in self.params], 1.0 - decay)
-
-    @contextmanager
-    def swapped_in(self) -> Iterator[None]:
-        """The averaged weights in the model for the duration (the trained ones are put back after)."""
-        trained = [p.detach().clone() for p in self.params]
-        with torch.no_grad():
-            torch._foreach_copy_([p.data for p in self.params], self.average)
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                torch._foreach_copy_([p.data for p in self.params], trained)
-
-    def state(self) -> dict[str, torch.Tensor]:
-        return {f"ema.{i}": a for i, a in enumerate(self.average)}
-
-    def load(self, tensors: dict[str, torch.Tensor], updates: int) -> None:
-        with torch.no_grad():
-            torch._foreach_copy_(self.average, [tensors[f"ema.{i}"] for i in range(len(self.average))])
-        self.updates = updates
-
-
 @dataclass
 class _Position:
     step: int = 0
@@ -432,10 +391,6 @@ class ClassifierTrainer:
         pos.step, pos.index = pos.step + 1, pos.index + 1
         return loss.item()
 
-    def _averaged(self) -> Any:
-        """A context with the weights that are evaluated and kept: the moving average with --ema."""
-        return self.average.swapped_in() if self.average is not None else nullcontext()
-
     def evaluate(self) -> dict[str, Any]:
         logits = predict_logits(self.model, self.val.inputs, self.device, bf16=self.bf16)
         classes = self.model.classifier.classes  # type: ignore[union-attr]
@@ -458,8 +413,6 @@ class ClassifierTrainer:
         optimizer_from_saved(self.optimizer, state["optimizer_groups"], tensors, self.device)
         torch.set_rng_state(tensors["rng.cpu"])
         if self.average is not None:
-            if "ema.0" not in tensors:
-                raise InputError("this run was trained without --ema; resume it without --ema")
             self.average.load(tensors, self.pos.step)
 
     def _meta(self) -> dict[str, Any]:
@@ -475,7 +428,7 @@ class ClassifierTrainer:
 
     def _evaluate_and_save(self) -> bool:
         pos = self.pos
-        with self._averaged():
+        with averaged(self.average):
             val = self.evaluate()
         self.last_val = val
         # Higher accuracy wins; at equal accuracy (often 1.0 on easy data) a lower loss, the LM's included,
@@ -491,7 +444,7 @@ class ClassifierTrainer:
         append_metrics(self.run_dir, {"step": pos.step, "seconds": round(pos.elapsed, 2),
                                       "train_loss": self.train_loss, **{f"val_{k}": v for k, v in record.items()}})
         if improved:
-            with self._averaged():
+            with averaged(self.average):
                 save_checkpoint(self.run_dir / BEST, self.model, self.tokenizer, self._meta())
         self.save_last()
         self._emit("eval", val=val, loss=self.train_loss)

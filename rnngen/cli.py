@@ -136,6 +136,8 @@ def optimizer_options(command: Any) -> Any:
         click.option("--warmup-steps", type=int, help="Linear warm-up steps [default: 50]."),
         click.option("--weight-decay", type=float, help="AdamW weight decay [default: 0.01]."),
         click.option("--grad-clip", type=float, help="Gradient norm clip [default: 1.0]."),
+        click.option("--ema", type=float, help="Evaluate and keep a moving average of the weights with this "
+                                               "decay, e.g. 0.999 (0 = off) [default: 0]."),
     ]):
         command = option(command)
     return command
@@ -663,8 +665,6 @@ def classify() -> None:
 @click.option("--head-dropout", type=float, help="Dropout before the classifier [default: 0.2].")
 @click.option("--token-dropout", type=float, help="Share of each training text's tokens read as <unk> by the "
                                                   "classifier (word dropout) [default: 0].")
-@click.option("--ema", type=float, help="Evaluate and keep a moving average of the weights with this decay, "
-                                       "e.g. 0.999 (0 = off) [default: 0].")
 @click.option("--seed", type=int, help="Random seed (also fixes the split) [default: 1337].")
 @click.option("--device", help="auto, cpu, cuda or mps [default: auto].")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), help="[default: auto]")

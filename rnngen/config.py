@@ -92,6 +92,7 @@ class TrainConfig:
     precision: str = "auto"  # auto: bf16 on CUDA and on CPUs with native bf16, else fp32
     val_fraction: float = 0.1
     max_nan_retries: int = 3
+    ema: float = 0.0  # decay of the moving average of the weights that is evaluated and kept; 0: off
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "seq_len", "max_steps", "eval_every"):
@@ -106,6 +107,7 @@ class TrainConfig:
         require(self.max_time is None or self.max_time > 0, "--max-time must be positive")
         require(self.patience is None or self.patience >= 1, "--patience must be at least 1")
         require(self.save_every is None or self.save_every >= 1, "--save-every must be at least 1")
+        require(0.0 <= self.ema < 1.0, "--ema must be in [0, 1), e.g. 0.999 (0 turns it off)")
         require(self.precision in ("auto", "fp32", "bf16"), "--precision must be auto, fp32 or bf16")
         require(self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:"),
                  f"unknown device {self.device!r}: use auto, cpu, cuda or mps")

@@ -15,9 +15,9 @@ import torch
 
 import rnngen
 from rnngen.checkpoint import load_checkpoint
-from rnngen.classify import (WeightAverage, classification_metrics, drop_tokens, length_batches, pad,
-                             prepare_classifier)
+from rnngen.classify import classification_metrics, drop_tokens, length_batches, pad, prepare_classifier
 from rnngen.config import ModelConfig
+from rnngen.train import WeightAverage
 from rnngen.model import ClassifierHead, RNNModel
 
 from conftest import run_cli

@@ -37,8 +37,9 @@ def stop_at(step: int, stop: threading.Event):
     return callback
 
 
-def test_resume_reproduces_the_uninterrupted_run(tmp_path: Path, prose_corpus: Path) -> None:
-    options = dict(TINY, dropout=0.1, emb_dropout=0.1, state_reset=0.3, max_steps=40, eval_every=10)
+@pytest.mark.parametrize("ema", [0.0, 0.9])
+def test_resume_reproduces_the_uninterrupted_run(tmp_path: Path, prose_corpus: Path, ema: float) -> None:
+    options = dict(TINY, dropout=0.1, emb_dropout=0.1, state_reset=0.3, max_steps=40, eval_every=10, ema=ema)
     full = train_from_options([str(prose_corpus)], tmp_path / "full", **options)
     stop = threading.Event()
     part = prepare_run([str(prose_corpus)], tmp_path / "part", stop=stop, callback=stop_at(17, stop), **options)
@@ -55,6 +56,20 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path: Path, prose_corpus: P
     a, b = rnngen.load(str(tmp_path / "full" / "last")), rnngen.load(str(tmp_path / "part" / "last"))
     for (k, v), (_, w) in zip(a.model.state_dict().items(), b.model.state_dict().items()):
         torch.testing.assert_close(v, w, rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_ema_evaluates_and_keeps_the_average(tmp_path: Path, prose_corpus: Path, monkeypatch) -> None:
+    """--ema: the moving average of the weights is what is evaluated and kept in best/, and a NaN roll-back
+    takes the average back to the snapshot with the rest."""
+    monkeypatch.setenv("RNNGEN_TEST_NAN_AT_STEP", "25")
+    trainer = prepare_run([str(prose_corpus)], tmp_path / "run", **TINY, max_steps=30, eval_every=30, ema=0.9)
+    trainer.run()
+    assert trainer.pos.nan_retries == 1
+    best = rnngen.load(str(tmp_path / "run" / "best")).model
+    names = [name for name, _ in trainer.model.named_parameters()]
+    assert all(torch.equal(best.state_dict()[n], a) for n, a in zip(names, trainer.average.average))
+    assert not all(torch.equal(best.state_dict()[n], p) for n, p in zip(names, trainer.model.parameters()))
+    assert trainer.average.updates == 30  # rolled back to the snapshot at the start (not 25 + 30)
 
 
 @pytest.mark.parametrize("share", [0.0, 1.0])
