@@ -20,6 +20,7 @@ import tempfile
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import rnngen as api
 from common import SHARED, rnngen, save
@@ -89,8 +90,10 @@ def main() -> None:
     # the share given the requested label, and how many names are distinct and not in the training set.
     gen = api.load(str(run))
     seen = {line.split("\t")[0] for line in train.read_text(encoding="utf-8").splitlines()[1:]}
-    generation = {}
+    generation: dict[str, Any] = {}
     settings = [(float(t), float(g)) for t in args.temperature.split(",") for g in args.guidance.split(",")]
+    if gen.model.config.bidirectional:  # it classifies but cannot generate
+        settings, generation = [], {"skipped": "a bidirectional encoder cannot generate"}
     for temperature, guidance in settings:
         agreement, distinct, novel = {}, [], []
         for label in sorted(label for label, n in counts.items() if n >= 200):
