@@ -9,7 +9,8 @@ units, then the pick of the next token from Exp(1) noise drawn by torch from the
 
 The C file is compiled once with the machine's C compiler (``CC``, else ``cc``, ``gcc`` or ``clang``) into
 rnngen's cache, keyed by the source, the compiler, its flags and the CPU. Where nothing compiles, or with
-``RNNGEN_NATIVE=0``, ``native_lstm`` says why and generation uses the torch step instead.
+``RNNGEN_NATIVE=0``, ``library()`` raises ``NativeUnavailable`` saying why, and generation uses the torch
+step instead (``Generator.native_error`` keeps the reason).
 """
 
 from __future__ import annotations
@@ -141,7 +142,7 @@ class NativeLSTM:
         """``steps`` picks and steps from h, c (L, HP) and logits (V,), all updated in place.
 
         Returns the tokens (steps,) and, with ``track``, the state ((steps, L, 1, H) each) and logits
-        (steps, 1, V) after every step; greedy when ``noise`` is None.
+        (steps, 1, V) after every step; greedy when ``noise`` is None (``temperature`` is then unused).
         """
         L, HP, V = self.layers, self.padded, self.vocab_size
         tokens = torch.empty(steps, dtype=torch.int64)
@@ -156,7 +157,7 @@ class NativeLSTM:
         self.library.rnngen_lstm_sample(
             self.panel_ptrs, ptr(self.table), self.bias_ptrs, ptr(self.w_out), ptr(self.b_out),
             ctypes.c_int(L), ctypes.c_int(HP), ctypes.c_int(V), ptr(h), ptr(hn), ptr(c), ptr(logits), ptr(scratch),
-            ptr(noise), ctypes.c_float(temperature if noise is not None else 0.0), ctypes.c_int(steps),
+            ptr(noise), ctypes.c_float(temperature), ctypes.c_int(steps),
             ctypes.c_int(self.thread_count()), ptr(tokens), ptr(track_h), ptr(track_c), ptr(track_logits))
         if not track:
             return tokens, (), None

@@ -305,7 +305,8 @@ class Generator:
             try:
                 for ids, states, all_logits in sampler.blocks(generator, config.length):
                     if track:  # views of each position, made in a few calls (indexing each costs a microsecond)
-                        positions = list(zip(*(s.unbind(0) for s in states), all_logits.unbind(0)))  # type: ignore[union-attr]
+                        per_position = (*(s.unbind(0) for s in states), all_logits.unbind(0))  # type: ignore
+                        positions = list(zip(*per_position))
                     for k in range(len(ids)):
                         if track:
                             *cursor_state, cursor.logits = positions[k]
