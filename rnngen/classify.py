@@ -60,6 +60,7 @@ class ClassifyConfig:
     label_dropout: float = 0.1
     head_dropout: float = 0.2
     token_dropout: float = 0.0  # share of a training text's tokens the classifier reads as <unk>
+    label_smoothing: float = 0.0  # share of each target's probability spread evenly over all classes
     ema: float = 0.0  # decay of the moving average of the weights that is evaluated and kept; 0: off
     lr_decay: float = 2.6  # fine-tuning: each layer group below the top learns this much slower (ULMFiT)
     unfreeze_every: int | None = None  # fine-tuning: unfreeze one more layer group every N steps [epoch]
@@ -78,6 +79,7 @@ class ClassifyConfig:
         require(0.0 <= self.label_dropout < 1.0, "--label-dropout must be in [0, 1)")
         require(0.0 <= self.head_dropout < 1.0, "--head-dropout must be in [0, 1)")
         require(0.0 <= self.token_dropout < 1.0, "--token-dropout must be in [0, 1)")
+        require(0.0 <= self.label_smoothing < 1.0, "--label-smoothing must be in [0, 1)")
         require(0.0 <= self.ema < 1.0, "--ema must be in [0, 1), e.g. 0.999 (0 turns it off)")
         require(self.lr_decay >= 1.0, "--lr-decay must be at least 1")
         require(self.max_time is None or self.max_time > 0, "--max-time must be positive")
@@ -375,7 +377,8 @@ class ClassifierTrainer:
         targets = torch.from_numpy(self.train.targets[idx]).to(self.device)
         with autocast(self.device, self.bf16):
             logits = self.model.classify(tokens.to(self.device), lengths)
-        loss = F.cross_entropy(logits.float(), targets, weight=self.class_weights)
+        loss = F.cross_entropy(logits.float(), targets, weight=self.class_weights,
+                               label_smoothing=config.label_smoothing)
         if self.use_lm:
             x, y = _lm_targets(*pad(self._lm_inputs(idx, pos.epoch)))
             with autocast(self.device, self.bf16):

@@ -665,6 +665,8 @@ def classify() -> None:
 @click.option("--head-dropout", type=float, help="Dropout before the classifier [default: 0.2].")
 @click.option("--token-dropout", type=float, help="Share of each training text's tokens read as <unk> by the "
                                                   "classifier (word dropout) [default: 0].")
+@click.option("--label-smoothing", type=float, help="Share of each training target spread evenly over all classes "
+                                                    "[default: 0].")
 @click.option("--seed", type=int, help="Random seed (also fixes the split) [default: 1337].")
 @click.option("--device", help="auto, cpu, cuda or mps [default: auto].")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), help="[default: auto]")

@@ -219,6 +219,8 @@ def test_bad_classify_paths_and_options(tmp_path: Path, tiny_run: Path) -> None:
     assert_clean_error(run_cli("classify", "train", str(data), "--max-len", "0", *out), "--max-len")
     assert_clean_error(run_cli("classify", "train", str(data), "--lm-weight", "-1", *out), "--lm-weight")
     assert_clean_error(run_cli("classify", "train", str(data), "--token-dropout", "1", *out), "--token-dropout")
+    assert_clean_error(run_cli("classify", "train", str(data), "--label-smoothing", "-0.1", *out),
+                       "--label-smoothing")
     assert_clean_error(run_cli("classify", "train", str(data), "--from", str(tmp_path), *out), "not an rnngen")
     assert_clean_error(run_cli("classify", "train", str(data), "--from", str(tiny_run), "--hidden", "64", *out),
                        "--hidden")

@@ -355,3 +355,25 @@ def test_guidance_makes_samples_more_typical_of_their_label(tmp_path: Path) -> N
                                                                       "--guidance")):
         proc = run_cli("sample", str(run), *args)
         assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.4])
+def test_label_smoothing_caps_the_confidence_it_trains_towards(tmp_path: Path, smoothing: float) -> None:
+    # An easy task learned to the end: without smoothing the model grows sure of every answer; with
+    # smoothing s over 2 classes the loss is lowest at probability 1 - s/2 (0.8), and training stops there
+    # (a little below: weight decay).
+    rng = random.Random(0)
+    rows = [(letter * rng.randint(2, 6) + "".join(rng.choices("xyz", k=3)), letter.upper())
+            for letter in "ab" for _ in range(100)]
+    data = write_csv(tmp_path / "easy.csv", rows)
+    trainer = prepare_classifier([str(data)], tmp_path / "run", model_options={"hidden": 16, "emb_dim": 8,
+                                 "layers": 1, "dropout": 0.0}, max_steps=300, device="cpu", lm_weight=0,
+                                 head_dropout=0.0, lr=1e-2, label_smoothing=smoothing, patience=None)
+    trainer.run()
+    results = rnngen.load(str(tmp_path / "run" / "last")).classify([text for text, _ in rows])
+    assert [r["label"] for r in results] == [label for _, label in rows]
+    mean = sum(r["probability"] for r in results) / len(results)
+    if smoothing:
+        assert 1 - smoothing / 2 - 0.06 < mean < 1 - smoothing / 2 + 0.01
+    else:
+        assert mean > 0.97
