@@ -8,6 +8,7 @@
  */
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #ifdef _OPENMP
 #include <omp.h>
@@ -70,9 +71,44 @@ static void block_cell(const float *restrict gates, float *restrict c, float *re
     }
 }
 
-/* The next token from logits: argmax (greedy: temperature <= 0), or the argmax of softmax(logits / T) / q
- * with q the step's Exp(1) draws: exactly how rnngen.generate.pick_tokens samples. */
-static int64_t pick(const float *logits, int V, float temperature, const float *q, float *scratch) {
+typedef struct {
+    float value;
+    int32_t index;
+} ranked;
+
+static inline void swap_ranked(ranked *a, ranked *b) {
+    const ranked t = *a;
+    *a = *b;
+    *b = t;
+}
+
+/* The k-th largest value (k >= 1) of r[0..n-1], by quickselect; r is reordered. */
+static float kth_largest(ranked *r, int n, int k) {
+    int lo = 0, hi = n - 1, want = k - 1;
+    while (lo < hi) {
+        swap_ranked(&r[(lo + hi) / 2], &r[hi]);
+        const float pivot = r[hi].value;
+        int store = lo;
+        for (int i = lo; i < hi; i++)
+            if (r[i].value > pivot) swap_ranked(&r[i], &r[store++]);
+        swap_ranked(&r[store], &r[hi]);
+        if (store == want) break;
+        if (store < want) lo = store + 1; else hi = store - 1;
+    }
+    return r[want].value;
+}
+
+static int by_value_descending(const void *a, const void *b) {
+    const float x = ((const ranked *)a)->value, y = ((const ranked *)b)->value;
+    return (x < y) - (x > y);
+}
+
+/* The next token from logits: argmax (greedy: temperature <= 0), or the argmax of p / q with p the
+ * softmax of logits / T over the tokens top-k and top-p keep and q the step's Exp(1) draws: exactly how
+ * rnngen.generate.pick_tokens and filter_logits sample. top_k <= 0 or >= V and top_p >= 1 are off.
+ * scratch: (V) floats; work: (V) ranked. */
+static int64_t pick(const float *logits, int V, float temperature, int top_k, float top_p, const float *q,
+                    float *scratch, ranked *work) {
     int64_t best = 0;
     if (temperature <= 0.0f || q == NULL) {
         for (int v = 1; v < V; v++) if (logits[v] > logits[best]) best = v;
@@ -83,8 +119,28 @@ static int64_t pick(const float *logits, int V, float temperature, const float *
         scratch[v] = logits[v] / temperature;
         m = scratch[v] > m ? scratch[v] : m;
     }
-    for (int v = 0; v < V; v++) scratch[v] = exp_approx(scratch[v] - m);
+    float floor = -INFINITY; /* tokens below it are dropped: top-k's k-th largest value */
+    if (top_k > 0 && top_k < V) {
+        for (int v = 0; v < V; v++) work[v] = (ranked){scratch[v], v};
+        floor = kth_largest(work, V, top_k);
+    }
+    for (int v = 0; v < V; v++) scratch[v] = scratch[v] < floor ? 0.0f : exp_approx(scratch[v] - m);
     for (int v = 0; v < V; v++) sum += scratch[v];
+    if (top_p < 1.0f) {
+        /* Drop each token whose higher-ranked tokens already hold top_p of the mass. As torch does it: the
+         * running sum kept in double, rounded to float, less the token's own probability. */
+        int n = 0;
+        for (int v = 0; v < V; v++)
+            if (scratch[v] > 0.0f) work[n++] = (ranked){scratch[v] / sum, v};
+        qsort(work, (size_t)n, sizeof(ranked), by_value_descending);
+        double running = 0.0;
+        for (int i = 0; i < n; i++) {
+            running += work[i].value;
+            if ((float)running - work[i].value >= top_p) scratch[work[i].index] = 0.0f;
+        }
+        sum = 0.0f;
+        for (int v = 0; v < V; v++) sum += scratch[v];
+    }
     float inv = 1.0f / sum, top = -1.0f;
     for (int v = 0; v < V; v++) {
         float score = scratch[v] * inv / q[v];
@@ -108,14 +164,14 @@ static void finish_step(int s, int L, int HP, int V, float *h, const float *hn, 
 /* Run `steps` steps from the state (h: (L, HP), c: (L, HP)) and the logits before the first (V): pick a
  * token, advance, and so on. tokens[s] gets step s's token; with track_h/track_c/track_logits non-NULL the
  * state and logits after each step too. h, c and logits end at the last step. hn: (L, HP) scratch for the
- * new h (the old one is still being read by the other threads); scratch: (V).
+ * new h (the old one is still being read by the other threads); scratch: (V) floats, work: (V) ranked.
  *   panels[l]: layer l's weights, (HP / UB) blocks of (K_l, GB), K_0 = HP (h_0), K_l = 2 HP (h_{l-1} | h_l);
  *   table: (V, HP / UB, GB) layer 0's input gates per token (biases included); biases[l-1]: (HP / UB, GB);
- *   w_out: (HP, V), b_out: (V). noise: (steps, V) Exp(1) draws, NULL when greedy. */
+ *   w_out: (HP, V), b_out: (V). noise: (steps, V) Exp(1) draws, NULL when greedy. top_k, top_p: as pick's. */
 void rnngen_lstm_sample(const float *const *panels, const float *table, const float *const *biases,
                         const float *w_out, const float *b_out, int L, int HP, int V,
-                        float *h, float *hn, float *c, float *logits, float *scratch,
-                        const float *noise, float temperature, int steps, int threads,
+                        float *h, float *hn, float *c, float *logits, float *scratch, ranked *work,
+                        const float *noise, float temperature, int top_k, float top_p, int steps, int threads,
                         int64_t *tokens, float *track_h, float *track_c, float *track_logits) {
     const int blocks = HP / UB;
     int64_t token = 0;
@@ -138,7 +194,8 @@ void rnngen_lstm_sample(const float *const *panels, const float *table, const fl
 #endif
             {
                 if (s > 0) finish_step(s - 1, L, HP, V, h, hn, c, logits, track_h, track_c, track_logits);
-                token = pick(logits, V, temperature, noise ? noise + (size_t)s * V : NULL, scratch);
+                token = pick(logits, V, temperature, top_k, top_p, noise ? noise + (size_t)s * V : NULL, scratch,
+                             work);
                 tokens[s] = token;
             } /* (the implicit barrier: every thread sees the token and the state) */
             for (int l = 0; l < L; l++) {

@@ -138,11 +138,13 @@ class NativeLSTM:
         return max(1, min(wanted, self.padded // UNITS))
 
     def sample(self, h: torch.Tensor, c: torch.Tensor, logits: torch.Tensor, noise: torch.Tensor | None,
-               temperature: float, steps: int, track: bool) -> tuple[torch.Tensor, State, torch.Tensor | None]:
+               temperature: float, steps: int, track: bool, top_k: int | None = None,
+               top_p: float | None = None) -> tuple[torch.Tensor, State, torch.Tensor | None]:
         """``steps`` picks and steps from h, c (L, HP) and logits (V,), all updated in place.
 
         Returns the tokens (steps,) and, with ``track``, the state ((steps, L, 1, H) each) and logits
-        (steps, 1, V) after every step; greedy when ``noise`` is None (``temperature`` is then unused).
+        (steps, 1, V) after every step; greedy when ``noise`` is None (``temperature``, ``top_k`` and
+        ``top_p`` are then unused).
         """
         L, HP, V = self.layers, self.padded, self.vocab_size
         tokens = torch.empty(steps, dtype=torch.int64)
@@ -154,10 +156,12 @@ class NativeLSTM:
             return ctypes.c_void_p(t.data_ptr() if t is not None else None)
 
         hn, scratch = torch.empty_like(h), torch.empty_like(logits)
+        work = torch.empty(V, 2, dtype=torch.int32)  # cpu_step.c's `ranked`: (value, index) pairs of 4 bytes each
         self.library.rnngen_lstm_sample(
             self.panel_ptrs, ptr(self.table), self.bias_ptrs, ptr(self.w_out), ptr(self.b_out),
             ctypes.c_int(L), ctypes.c_int(HP), ctypes.c_int(V), ptr(h), ptr(hn), ptr(c), ptr(logits), ptr(scratch),
-            ptr(noise), ctypes.c_float(temperature), ctypes.c_int(steps),
+            ptr(work), ptr(noise), ctypes.c_float(temperature), ctypes.c_int(top_k or 0),
+            ctypes.c_float(1.0 if top_p is None else top_p), ctypes.c_int(steps),
             ctypes.c_int(self.thread_count()), ptr(tokens), ptr(track_h), ptr(track_c), ptr(track_logits))
         if not track:
             return tokens, (), None
@@ -169,13 +173,14 @@ class NativeLSTM:
 class NativeSampler:
     """``GraphSampler``'s interface for one stream on the CPU: blocks of tokens from ``NativeLSTM``.
 
-    ``temperature`` None means greedy. The noise for a block is drawn before it runs, (block, V) Exp(1)
+    ``temperature`` None means greedy; ``top_k`` and ``top_p`` filter as ``generate.filter_logits``. The noise for a block is drawn before it runs, (block, V) Exp(1)
     values from the caller's generator: the same values, in the same order, as one draw per step.
     """
 
     def __init__(self, net: NativeLSTM, state: State, logits: torch.Tensor, temperature: float | None,
-                 track: bool, block: int) -> None:
+                 track: bool, block: int, top_k: int | None = None, top_p: float | None = None) -> None:
         self.net, self.temperature, self.track, self.block = net, temperature, track, block
+        self.top_k, self.top_p = top_k, top_p
         self.h = torch.zeros(net.layers, net.padded)
         self.c = torch.zeros(net.layers, net.padded)
         self.logits = torch.empty(net.vocab_size)
@@ -198,5 +203,5 @@ class NativeSampler:
             if self.temperature is not None:
                 noise = torch.empty(steps, self.net.vocab_size).exponential_(generator=generator)
             tokens, states, logits = self.net.sample(self.h, self.c, self.logits, noise, self.temperature or 0.0,
-                                                     steps, self.track)
+                                                     steps, self.track, self.top_k, self.top_p)
             yield [[t] for t in tokens.tolist()], states, logits

@@ -352,10 +352,10 @@ class Generator:
         return out[:, -1], state
 
     def _native_sampler(self, key: tuple[Any, ...], state: State, logits: torch.Tensor) -> NativeSampler | None:
-        """The compiled CPU sampler for one stream of an fp32 LSTM without top-k or top-p; None where it
-        cannot run (the reason is kept in ``native_error``; the torch steps are used instead)."""
+        """The compiled CPU sampler for one stream of an fp32 LSTM; None where it cannot run (the reason is
+        kept in ``native_error``; the torch steps are used instead)."""
         n, greedy, temperature, top_k, top_p, track = key
-        if not (self.use_native and n == 1 and top_k is None and top_p is None and self.native_error is None):
+        if not (self.use_native and n == 1 and self.native_error is None):
             return None
         if self._native is None:
             try:
@@ -363,7 +363,7 @@ class Generator:
             except NativeUnavailable as exc:
                 self.native_error = exc
                 return None
-        return NativeSampler(self._native, state, logits, None if greedy else temperature, track, BLOCK)
+        return NativeSampler(self._native, state, logits, None if greedy else temperature, track, BLOCK, top_k, top_p)
 
     def _block_sampler(self, key: tuple[Any, ...], state: State,
                        logits: torch.Tensor) -> GraphSampler | NativeSampler | None:

@@ -24,11 +24,24 @@ needs_compiler = pytest.mark.skipif(not any(map(shutil.which, ("cc", "gcc", "cla
 def test_same_seed_same_text_as_the_plain_path(tmp_path: Path, layers: int, hidden: int) -> None:
     """Hidden sizes that are not a multiple of the C code's 32-unit blocks are padded with zero weights."""
     gen = save_generator(tmp_path, layers=layers, hidden=hidden, sharpen=1.5)
-    for options in ({"temperature": 1.0, "seed": 5}, {"temperature": 0.6, "seed": 6}, {"greedy": True}):
+    for options in ({"temperature": 1.0, "seed": 5}, {"temperature": 0.6, "seed": 6}, {"greedy": True},
+                    {"temperature": 1.0, "top_k": 5, "seed": 7}, {"temperature": 1.2, "top_p": 0.8, "seed": 8},
+                    {"temperature": 0.9, "top_k": 12, "top_p": 0.95, "seed": 9}):
         text = gen.sample("the ", length=1500, **options)
         assert text == plain(gen).sample("the ", length=1500, **options), options
     assert gen.native_error is None and gen._native is not None
     assert len(set(gen.sample("the ", length=1500, temperature=1.0, seed=5))) > 15
+
+
+@needs_compiler
+def test_top_k_and_top_p_over_a_large_vocabulary(tmp_path: Path) -> None:
+    """The C code's quickselect (top-k) and sort (top-p) pick what filter_logits keeps, over 600 tokens."""
+    gen = save_generator(tmp_path, chars="".join(map(chr, range(0x400, 0x400 + 600))), sharpen=1.0)
+    for options in ({"top_k": 40, "seed": 1}, {"top_k": 599, "seed": 2}, {"top_p": 0.5, "seed": 3},
+                    {"top_k": 100, "top_p": 0.7, "seed": 4}, {"top_k": 1, "seed": 5}):
+        text = gen.sample(length=300, temperature=1.0, **options)
+        assert text == plain(gen).sample(length=300, temperature=1.0, **options), options
+    assert gen._native is not None and len(set(gen.sample(length=300, temperature=1.0, top_k=40, seed=1))) > 30
 
 
 @needs_compiler
@@ -40,6 +53,7 @@ def test_steps_in_blocks_with_no_torch_step(tmp_path: Path, monkeypatch: pytest.
     monkeypatch.setattr("rnngen.fastpath.Streams.advance", lambda *a: pytest.fail("the torch step was used"))
     assert len(gen.sample("ab", length=3 * BLOCK + 5, seed=1)) == 3 * BLOCK + 5
     assert calls == [BLOCK] * 3 + [5]  # the last block stops at the length asked for
+    assert len(gen.sample("ab", length=2 * BLOCK, seed=1, top_k=3, top_p=0.9)) == 2 * BLOCK  # filtered in C too
 
 
 @needs_compiler
@@ -86,8 +100,6 @@ def test_block_noise_is_the_noise_of_one_draw_per_step() -> None:
 def test_what_it_does_not_cover_uses_the_torch_step(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(NativeLSTM, "sample", lambda *a: pytest.fail("the compiled step was used"))
     gen = save_generator(tmp_path, sharpen=1.5)
-    for options in ({"top_k": 3, "seed": 2}, {"top_p": 0.8, "seed": 3}):  # filters: the torch step
-        assert gen.sample("a", length=100, **options) == plain(gen).sample("a", length=100, **options)
     assert gen.sample_many(3, "a", length=100, seed=1) == plain(gen).sample_many(3, "a", length=100, seed=1)
     gru = save_generator(tmp_path, arch="gru")
     assert gru.sample("a", length=100, seed=1) == plain(gru).sample("a", length=100, seed=1)

@@ -45,9 +45,9 @@ def random_state(model: RNNModel, batch: int) -> tuple[torch.Tensor, ...]:
 
 
 def save_generator(tmp_path: Path, arch: str = "lstm", layers: int = 2, sharpen: float = 4.0,
-                   hidden: int = 32, device: str = "cpu") -> Generator:
+                   hidden: int = 32, device: str = "cpu", chars: str = CHARS) -> Generator:
     """A random model with sharpened logits (near-ties are rare), saved and loaded like a real checkpoint."""
-    tok = CharTokenizer.fit([CHARS])
+    tok = CharTokenizer.fit([chars])
     torch.manual_seed(0)
     model = RNNModel(ModelConfig(vocab_size=tok.vocab_size, hidden=hidden, emb_dim=16, layers=layers, arch=arch))
     with torch.no_grad():
