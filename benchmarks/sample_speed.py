@@ -100,6 +100,7 @@ def main() -> None:
     plain = Generator(gen.model, gen.tokenizer, gen.config, gen.directory, fast=False)
     chars_per_s(gen, 200, 1)  # warm-up: weights prepared, allocator and thread pool started
     fast = chars_per_s(gen, args.chars, args.repeats)
+    filtered = chars_per_s(gen, args.chars, args.repeats, top_k=40, top_p=0.95)  # the filters' own cost
     cudnn = None  # on CUDA, batch 1 steps through Triton kernels; also measured: the model's own (cuDNN) step
     if args.device == "cuda":
         graph = Generator(gen.model, gen.tokenizer, gen.config, gen.directory)
@@ -132,6 +133,7 @@ def main() -> None:
         "fast_torch_step_chars_per_s": round(torch_step) if torch_step else None, "reference_refeed_chars_per_s":
             next((r["chars_per_s"] for r in ref_rows if r["mode"] == "refeed"), None),
         "fast_chars_per_s": round(fast), "fast_over_reference": round(fast / ref["chars_per_s"], 2),
+        "fast_top_k_40_top_p_0.95_chars_per_s": round(filtered),
         "plain_chars_per_s": round(slow), "fast_over_plain": round(fast / slow, 2),
         f"chars_per_s_{args.short}": round(short), f"chars_per_s_{args.long}": round(long),
         "per_char_cost_long_over_short": round(short / long, 3),
@@ -147,6 +149,7 @@ def main() -> None:
                         *([("rnngen, model's own step in a CUDA graph, batch 1", cudnn)] if cudnn else []),
                         *([("rnngen, torch step (compiled step off), batch 1", torch_step)] if torch_step else []),
                         ("rnngen fast path, batch 1", fast),
+                        ("rnngen fast path, batch 1, --top-k 40 --top-p 0.95", filtered),
                         (f"rnngen, {args.batch} samples at once (total)", batched)]:
         table.add_row(name, f"{value:,.0f}", f"{value / ref_cps:.1f}x")
     table.add_row(f"per-char cost, {args.long:,} vs {args.short:,} chars", f"{short / long:.3f}", "")
