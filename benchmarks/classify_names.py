@@ -3,7 +3,8 @@
 1. De-duplicate (name, language) pairs and split them 80/20, stratified, with a fixed seed.
 2. Train with the installed `rnngen classify train` on the 80% (it holds out its own validation
    share for early stopping), optionally fine-tuning a language model first trained on the same names.
-3. `rnngen classify eval` on the 20% test split: accuracy and macro-F1 (majority class: Russian).
+3. `rnngen classify eval` on the 20% test split: accuracy and macro-F1 (majority class: Russian), with
+   the language model's vote the checkpoint chose and with the classifier head alone (`--lm-vote 0`).
 4. The same checkpoint generates 200 names per language with `--label` (languages with >= 200 training
    names), with each `--guidance` value; its own classifier head labels them; report the share given
    the requested label, and the shares of distinct names and of names not in the training set.
@@ -86,6 +87,7 @@ def main() -> None:
             lm_loss["fine_tuned_lm_weight_0_test_accuracy"] = round(json.loads(rnngen(
                 "classify", "eval", str(root / "cls0"), str(test), "--json"))["accuracy"], 4)
     result = json.loads(rnngen("classify", "eval", str(run), str(test), "--json"))
+    head_alone = json.loads(rnngen("classify", "eval", str(run), str(test), "--json", "--lm-vote", "0"))
     # Label-conditioned generation, judged by the same checkpoint's classifier: for each guidance value,
     # the share given the requested label, and how many names are distinct and not in the training set.
     gen = api.load(str(run))
@@ -111,7 +113,9 @@ def main() -> None:
               "options": args.extra, "lm_options": args.lm_options,
               "temperature": args.temperature, "train_seconds": round(train_seconds, 1),
               "test_accuracy": round(result["accuracy"], 4), "test_macro_f1": round(result["macro_f1"], 4),
-              "test_examples": result["examples"],
+              "test_examples": result["examples"], "lm_vote": result["lm_vote"],
+              "test_accuracy_head_alone": round(head_alone["accuracy"], 4),
+              "test_macro_f1_head_alone": round(head_alone["macro_f1"], 4),
               "majority_share": round(max(counts.values()) / sum(counts.values()), 4),
               "generation": generation,
               "lm_held_out_nats_per_char": lm_loss}

@@ -61,6 +61,9 @@ class ClassifyConfig:
     head_dropout: float = 0.2
     token_dropout: float = 0.0  # share of a training text's tokens the classifier reads as <unk>
     label_smoothing: float = 0.0  # share of each target's probability spread evenly over all classes
+    # Weight of the label-conditioned LM's vote in classification (see class_log_scores); None: chosen at
+    # each evaluation from VOTE_GRID on the validation set; 0: the head alone.
+    lm_vote: float | None = None
     ema: float = 0.0  # decay of the moving average of the weights that is evaluated and kept; 0: off
     lr_decay: float = 2.6  # fine-tuning: each layer group below the top learns this much slower (ULMFiT)
     unfreeze_every: int | None = None  # fine-tuning: unfreeze one more layer group every N steps [epoch]
@@ -80,11 +83,15 @@ class ClassifyConfig:
         require(0.0 <= self.head_dropout < 1.0, "--head-dropout must be in [0, 1)")
         require(0.0 <= self.token_dropout < 1.0, "--token-dropout must be in [0, 1)")
         require(0.0 <= self.label_smoothing < 1.0, "--label-smoothing must be in [0, 1)")
+        require(self.lm_vote is None or (math.isfinite(self.lm_vote) and self.lm_vote >= 0),
+                "--lm-vote must be a weight of 0 or more, or auto")
         require(0.0 <= self.ema < 1.0, "--ema must be in [0, 1), e.g. 0.999 (0 turns it off)")
         require(self.lr_decay >= 1.0, "--lr-decay must be at least 1")
         require(self.max_time is None or self.max_time > 0, "--max-time must be positive")
         require(self.precision in ("auto", "fp32", "bf16"), "--precision must be auto, fp32 or bf16")
 
+
+VOTE_GRID = tuple(i / 8 for i in range(13))  # LM vote weights tried on the validation set: 0 to 1.5
 
 # -- turning texts into padded batches ----------------------------------------------------------------
 
@@ -202,26 +209,60 @@ def predict_logits(model: RNNModel, seqs: Sequence[np.ndarray], device: torch.de
 
 
 @torch.no_grad()
-def lm_loss(model: RNNModel, seqs: Sequence[np.ndarray], char_lengths: np.ndarray, device: torch.device,
-            batch_size: int = 64, bf16: bool = False) -> dict[str, float]:
-    """Language-model loss of label-prefixed sequences: nats/token and nats/char of the text."""
+def sequence_nats(model: RNNModel, seqs: Sequence[np.ndarray], device: torch.device, batch_size: int = 256,
+                  bf16: bool = False) -> torch.Tensor:
+    """For each sequence (N,): the language model's nats of all its tokens after the first, read in turn."""
     was_training = model.training
     model.eval()
-    nats, tokens_seen, chars = 0.0, 0, 0
-    lengths_table = torch.from_numpy(char_lengths)
-    for start in range(0, len(seqs), batch_size):
-        tokens, lengths = pad(seqs[start: start + batch_size])
-        x, y = _lm_targets(tokens, lengths)
+    order = np.argsort([len(s) for s in seqs], kind="stable")
+    out = torch.empty(len(seqs))
+    for start in range(0, len(order), batch_size):
+        idx = order[start: start + batch_size]
+        x, y = _lm_targets(*pad([seqs[i] for i in idx]))
         with autocast(device, bf16):
             logits, _ = model(x.to(device))
-        nats += F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten(), ignore_index=-100,
-                                reduction="sum").item()
-        real = y[y >= 0]
-        tokens_seen += real.numel()
-        chars += int(lengths_table[real].sum())
+        nats = F.cross_entropy(logits.float().transpose(1, 2), y.to(device), ignore_index=-100, reduction="none")
+        out[torch.from_numpy(idx)] = nats.sum(1).cpu()
     model.train(was_training)
+    return out
+
+
+def lm_loss(model: RNNModel, seqs: Sequence[np.ndarray], char_lengths: np.ndarray, device: torch.device,
+            bf16: bool = False) -> dict[str, float]:
+    """Language-model loss of label-prefixed sequences: nats/token and nats/char of the text."""
+    nats = float(sequence_nats(model, seqs, device, bf16=bf16).sum())
+    tokens_seen = sum(len(s) - 1 for s in seqs)
+    chars = sum(int(char_lengths[s[1:]].sum()) for s in seqs)
     return {"lm_loss": nats / max(1, tokens_seen), "lm_nats_per_char": nats / max(1, chars),
             "lm_bits_per_char": nats / max(1, chars) / LN2}
+
+
+def label_log_likelihoods(model: RNNModel, tokenizer: Tokenizer, seqs: Sequence[np.ndarray], device: torch.device,
+                          bf16: bool = False) -> torch.Tensor:
+    """log p(text | label) (N, C) from the language-model head: each classifier input (start token, text)
+    read after each class's label token instead of the start, up to the newline that ends a text."""
+    classes = model.classifier.classes  # type: ignore[union-attr]
+    end = start_ids(tokenizer)
+    lm_seqs = [np.concatenate([[model.config.label_id(c)], seq[len(end):], end]) for seq in seqs for c in classes]
+    return -sequence_nats(model, lm_seqs, device, bf16=bf16).view(len(seqs), len(classes))
+
+
+def can_vote(model: RNNModel) -> bool:
+    """Whether the language model can vote in classification: it reads each class's label token."""
+    classes = model.classifier.classes if model.classifier is not None else []
+    return (not model.config.bidirectional and bool(classes)
+            and all(c in model.config.label_tokens for c in classes))
+
+
+def class_log_scores(model: RNNModel, tokenizer: Tokenizer, seqs: Sequence[np.ndarray], device: torch.device,
+                     vote: float = 0.0, log_prior: Sequence[float] | None = None, bf16: bool = False) -> torch.Tensor:
+    """Class scores (N, C): the head's log-probabilities, plus ``vote`` times the language model's
+    log p(text | label) + log p(label) (Bayes' rule over the label-conditioned LM) where vote > 0."""
+    scores = torch.log_softmax(predict_logits(model, seqs, device, bf16=bf16), dim=-1)
+    if vote > 0:
+        prior = torch.tensor(log_prior, dtype=torch.float32)
+        scores += vote * (label_log_likelihoods(model, tokenizer, seqs, device, bf16) + prior)
+    return scores
 
 
 def _lm_targets(tokens: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -321,6 +362,9 @@ class ClassifierTrainer:
         counts = np.bincount(train.targets, minlength=len(classes)).astype(float)
         weights = len(train) / (len(classes) * np.maximum(counts, 1)) if config.balance else np.ones(len(classes))
         self.class_weights = torch.tensor(weights, dtype=torch.float32, device=device)
+        self.log_prior = np.log(np.maximum(counts, 1) / counts.sum()).tolist()
+        self.votes = (() if config.lm_vote == 0 or not (self.use_lm and can_vote(model))
+                      else VOTE_GRID if config.lm_vote is None else (config.lm_vote,))
         self.char_lengths = tokenizer.char_lengths()
         if len(self.char_lengths) < model.config.vocab_size:  # label tokens stand for no characters
             self.char_lengths = np.concatenate(
@@ -395,10 +439,20 @@ class ClassifierTrainer:
         return loss.item()
 
     def evaluate(self) -> dict[str, Any]:
-        logits = predict_logits(self.model, self.val.inputs, self.device, bf16=self.bf16)
+        """Validation metrics; with the LM's vote, of the weight that classifies the most texts right (the
+        smallest of equals), kept as ``lm_vote``; ``loss`` is the head's."""
+        head = torch.log_softmax(predict_logits(self.model, self.val.inputs, self.device, bf16=self.bf16), dim=-1)
+        scores, vote = head, 0.0
+        if self.votes:
+            lm = label_log_likelihoods(self.model, self.tokenizer, self.val.inputs, self.device, self.bf16)
+            lm += torch.tensor(self.log_prior)
+            correct = [int(((head + w * lm).argmax(1).numpy() == self.val.targets).sum()) for w in self.votes]
+            vote = self.votes[int(np.argmax(correct))]  # the first of the best: the smallest weight
+            scores = head + vote * lm
         classes = self.model.classifier.classes  # type: ignore[union-attr]
-        val = classification_metrics(self.val.targets, logits.argmax(1).numpy(), classes)
-        val["loss"] = float(F.cross_entropy(logits, torch.from_numpy(self.val.targets)))
+        val = classification_metrics(self.val.targets, scores.argmax(1).numpy(), classes)
+        val["loss"] = float(F.nll_loss(head, torch.from_numpy(self.val.targets)))
+        val["lm_vote"] = vote
         if self.val.lm_inputs and not self.model.config.bidirectional:
             val.update(lm_loss(self.model, self.val.lm_inputs, self.char_lengths, self.device, bf16=self.bf16))
         return val
@@ -423,7 +477,8 @@ class ClassifierTrainer:
         return {"training": {**self.meta.get("training", {}), "step": self.pos.step,
                              "seconds": round(self.pos.elapsed, 1), "best_step": self.pos.best_step,
                              "best_val": brief(self.best_val), "last_val": brief(self.last_val)},
-                "classify": {"max_len": self.config.max_len, "config": to_dict(self.config)}}
+                "classify": {"max_len": self.config.max_len, "config": to_dict(self.config),
+                             "lm_vote": self.last_val.get("lm_vote", 0.0), "log_prior": self.log_prior}}
 
     def save_last(self) -> None:
         state, tensors = self._trainer_state()
@@ -578,15 +633,28 @@ def max_len_of(checkpoint_config: dict[str, Any]) -> int:
     return int(checkpoint_config.get("classify", {}).get("max_len", 256))
 
 
-def classify_texts(model: RNNModel, tokenizer: Tokenizer, checkpoint_config: dict[str, Any], texts: Sequence[str],
-                   device: torch.device, top: int | None = None) -> list[dict[str, Any]]:
-    """For each text: its label, the probability of that label, and the ``top`` most likely classes."""
+def checkpoint_scores(model: RNNModel, tokenizer: Tokenizer, checkpoint_config: dict[str, Any],
+                      texts: Sequence[str], device: torch.device,
+                      vote: float | None = None) -> tuple[torch.Tensor, int, float]:
+    """Class scores (N, C) of ``texts``, the count of characters the tokenizer could not represent, and the
+    weight of the LM's vote used: ``vote``, or by default the one the checkpoint chose in training."""
     if model.classifier is None:
         raise InputError("this checkpoint has no classification head; train one with "
                          "`rnngen classify train DATA --from CHECKPOINT`")
-    classes = model.classifier.classes
-    seqs, _ = encode_texts(tokenizer, texts, max_len_of(checkpoint_config))
-    probs = torch.softmax(predict_logits(model, seqs, device), dim=-1)
+    seqs, unknown = encode_texts(tokenizer, texts, max_len_of(checkpoint_config))
+    saved = checkpoint_config.get("classify", {})
+    if "log_prior" not in saved or not can_vote(model):
+        vote = 0.0
+    elif vote is None:
+        vote = float(saved.get("lm_vote", 0.0))
+    return class_log_scores(model, tokenizer, seqs, device, vote, saved.get("log_prior")), unknown, vote
+
+
+def classify_texts(model: RNNModel, tokenizer: Tokenizer, checkpoint_config: dict[str, Any], texts: Sequence[str],
+                   device: torch.device, top: int | None = None, vote: float | None = None) -> list[dict[str, Any]]:
+    """For each text: its label, the probability of that label, and the ``top`` most likely classes."""
+    probs = torch.softmax(checkpoint_scores(model, tokenizer, checkpoint_config, texts, device, vote)[0], dim=-1)
+    classes = model.classifier.classes  # type: ignore[union-attr]
     k = min(top or len(classes), len(classes))
     values, indices = probs.topk(k, dim=-1)
     return [{"label": classes[int(idx[0])], "probability": float(val[0]),
@@ -595,12 +663,11 @@ def classify_texts(model: RNNModel, tokenizer: Tokenizer, checkpoint_config: dic
 
 
 def evaluate_classifier(model: RNNModel, tokenizer: Tokenizer, checkpoint_config: dict[str, Any],
-                        data: LabelledData, device: torch.device) -> dict[str, Any]:
-    """Accuracy, macro-F1, per-class precision/recall and the confusion matrix of ``data``."""
-    if model.classifier is None:
-        raise InputError("this checkpoint has no classification head; train one with `rnngen classify train`")
-    classes = model.classifier.classes
+                        data: LabelledData, device: torch.device, vote: float | None = None) -> dict[str, Any]:
+    """Accuracy, macro-F1, per-class precision/recall and the confusion matrix of ``data``, and the weight of
+    the LM's vote used (``vote``, by default the checkpoint's)."""
+    scores, unknown, vote = checkpoint_scores(model, tokenizer, checkpoint_config, data.texts, device, vote)
+    classes = model.classifier.classes  # type: ignore[union-attr]
     truth = np.asarray(data.label_ids(classes))
-    seqs, unknown = encode_texts(tokenizer, data.texts, max_len_of(checkpoint_config))
-    predicted = predict_logits(model, seqs, device).argmax(1).numpy()
-    return {**classification_metrics(truth, predicted, classes), "unknown_characters": unknown}
+    predicted = scores.argmax(1).numpy()
+    return {**classification_metrics(truth, predicted, classes), "unknown_characters": unknown, "lm_vote": vote}

@@ -619,6 +619,16 @@ def data_options(command: Any) -> Any:
     return command
 
 
+def _vote(value: str | None) -> float | None:
+    """--lm-vote: a weight, or None for auto (not given, or 'auto')."""
+    if value is None or value.strip().lower() == "auto":
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is neither a number nor auto", param_hint="--lm-vote") from None
+
+
 def _read_options(text_column: str, label_column: str, no_header: bool, fmt: str | None, encoding: str,
                   skip_bad_rows: bool) -> dict[str, Any]:
     from .labelled import parse_columns
@@ -665,6 +675,10 @@ def classify() -> None:
 @click.option("--head-dropout", type=float, help="Dropout before the classifier [default: 0.2].")
 @click.option("--token-dropout", type=float, help="Share of each training text's tokens read as <unk> by the "
                                                   "classifier (word dropout) [default: 0].")
+@click.option("--lm-vote", callback=lambda ctx, param, value: _vote(value), metavar="WEIGHT|auto",
+              help="Weight of the language model's vote in classification: its log p(text | label) + log p(label), "
+                   "added to the head's log-probabilities [default: auto, chosen on the validation set; 0 = the "
+                   "head alone].")
 @click.option("--label-smoothing", type=float, help="Share of each training target spread evenly over all classes "
                                                     "[default: 0].")
 @click.option("--seed", type=int, help="Random seed (also fixes the split) [default: 1337].")
@@ -749,6 +763,10 @@ def _input_texts(texts: tuple[str, ...], file: str | None, encoding: str) -> lis
     return lines
 
 
+vote_override = click.option("--lm-vote", type=click.FloatRange(min=0), help="Weight of the language model's vote "
+                             "[default: the checkpoint's, chosen in training; 0 = the head alone, faster].")
+
+
 @classify.command(name="predict")
 @click.argument("checkpoint", type=click.Path())
 @click.argument("texts", nargs=-1)
@@ -757,8 +775,9 @@ def _input_texts(texts: tuple[str, ...], file: str | None, encoding: str) -> lis
 @click.option("--encoding", default="utf-8", show_default=True)
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+@vote_override
 def classify_predict(checkpoint: str, texts: tuple[str, ...], file: str | None, top: int, encoding: str,
-                     device: str, as_json: bool) -> None:
+                     device: str, as_json: bool, lm_vote: float | None) -> None:
     """Label each TEXT (or each line of --file, or of stdin with '-'): one line per input.
 
     Each line: the label, its probability, further classes with --top, then the text.
@@ -768,7 +787,7 @@ def classify_predict(checkpoint: str, texts: tuple[str, ...], file: str | None, 
 
     gen = Generator.load(checkpoint, device=str(resolve_device(device)))
     inputs = _input_texts(texts, file, encoding)
-    for text, result in zip(inputs, gen.classify(inputs, top=top)):
+    for text, result in zip(inputs, gen.classify(inputs, top=top, lm_vote=lm_vote)):
         if as_json:
             click.echo(json.dumps({"text": text, **result}, ensure_ascii=False))
         else:
@@ -782,8 +801,10 @@ def classify_predict(checkpoint: str, texts: tuple[str, ...], file: str | None, 
 @data_options
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
+@vote_override
 def classify_eval(checkpoint: str, data: tuple[str, ...], text_column: str, label_column: str, no_header: bool,
-                  fmt: str | None, encoding: str, skip_bad_rows: bool, device: str, as_json: bool) -> None:
+                  fmt: str | None, encoding: str, skip_bad_rows: bool, device: str, as_json: bool,
+                  lm_vote: float | None) -> None:
     """Accuracy, macro-F1, per-class precision/recall and the confusion matrix of CHECKPOINT on DATA."""
     from . import console
     from .classify import evaluate_classifier
@@ -794,7 +815,7 @@ def classify_eval(checkpoint: str, data: tuple[str, ...], text_column: str, labe
     gen = Generator.load(checkpoint, device=str(resolve_device(device)))
     labelled = read_labelled(list(data), min_classes=1, **{k: v for k, v in _read_options(
         text_column, label_column, no_header, fmt, encoding, skip_bad_rows).items() if v is not None})
-    result = evaluate_classifier(gen.model, gen.tokenizer, gen.config, labelled, gen.device)
+    result = evaluate_classifier(gen.model, gen.tokenizer, gen.config, labelled, gen.device, lm_vote)
     if as_json:
         click.echo(json.dumps(result))
         return
@@ -802,5 +823,5 @@ def classify_eval(checkpoint: str, data: tuple[str, ...], text_column: str, labe
         console.warn(labelled.skipped_summary())
     console.stdout.print(f"[bold]{', '.join(data)}[/] under {gen.directory}")
     console.stdout.print(console.key_value_table({"examples": result["examples"], "accuracy": result["accuracy"],
-                                                  "macro-F1": result["macro_f1"]}))
+                                                  "macro-F1": result["macro_f1"], "LM vote": result["lm_vote"]}))
     console.stdout.print(console.classification_tables(result))

@@ -427,12 +427,14 @@ class Generator:
         config = SampleConfig(temperature, top_k, top_p, greedy, length, stop, seed)
         return self.continue_many(self.start(prompt, label, guidance), n, config)
 
-    def classify(self, texts: Sequence[str] | str, top: int | None = None) -> list[dict[str, Any]]:
-        """Label and class probabilities (most likely first, ``top`` of them) for each text."""
+    def classify(self, texts: Sequence[str] | str, top: int | None = None,
+                 lm_vote: float | None = None) -> list[dict[str, Any]]:
+        """Label and class probabilities (most likely first, ``top`` of them) for each text; ``lm_vote``
+        overrides the weight of the language model's vote that the checkpoint chose (0: the head alone)."""
         from .classify import classify_texts
 
         return classify_texts(self.model, self.tokenizer, self.config, [texts] if isinstance(texts, str) else texts,
-                              self.device, top)
+                              self.device, top, lm_vote)
 
     def evaluate(self, text: str) -> dict[str, float]:
         """Loss of ``text`` under the model: nats/token, nats/char, bits/char, perplexity."""

@@ -221,6 +221,8 @@ def test_bad_classify_paths_and_options(tmp_path: Path, tiny_run: Path) -> None:
     assert_clean_error(run_cli("classify", "train", str(data), "--token-dropout", "1", *out), "--token-dropout")
     assert_clean_error(run_cli("classify", "train", str(data), "--label-smoothing", "-0.1", *out),
                        "--label-smoothing")
+    for vote in ("-1", "many"):
+        assert_clean_error(run_cli("classify", "train", str(data), "--lm-vote", vote, *out), "--lm-vote")
     assert_clean_error(run_cli("classify", "train", str(data), "--from", str(tmp_path), *out), "not an rnngen")
     assert_clean_error(run_cli("classify", "train", str(data), "--from", str(tiny_run), "--hidden", "64", *out),
                        "--hidden")

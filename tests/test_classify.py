@@ -15,10 +15,12 @@ import torch
 
 import rnngen
 from rnngen.checkpoint import load_checkpoint
-from rnngen.classify import classification_metrics, drop_tokens, length_batches, pad, prepare_classifier
+from rnngen.classify import (VOTE_GRID, classification_metrics, drop_tokens, encode_texts, label_log_likelihoods,
+                             length_batches, pad, predict_logits, prepare_classifier)
 from rnngen.config import ModelConfig
 from rnngen.train import WeightAverage
 from rnngen.model import ClassifierHead, RNNModel
+from rnngen.tokenizers import CharTokenizer
 
 from conftest import run_cli
 
@@ -164,7 +166,7 @@ def test_fine_tune_a_language_model_then_sample_and_classify(tiny_run: Path, ord
 
 def test_a_checkpoint_with_both_heads_round_trips(order_csv: Path, tmp_path: Path) -> None:
     trainer = prepare_classifier([str(order_csv)], tmp_path / "run", model_options={"hidden": 16, "emb_dim": 8,
-                                 "layers": 1}, max_steps=20, device="cpu")
+                                 "layers": 1}, max_steps=20, device="cpu", lm_vote=0)
     trainer.run()
     saved = trainer.model.state_dict()
     gen = rnngen.load(str(tmp_path / "run" / "last"))
@@ -377,3 +379,64 @@ def test_label_smoothing_caps_the_confidence_it_trains_towards(tmp_path: Path, s
         assert 1 - smoothing / 2 - 0.06 < mean < 1 - smoothing / 2 + 0.01
     else:
         assert mean > 0.97
+
+
+def test_label_log_likelihoods_read_each_text_after_each_label() -> None:
+    """log p(text | label): the label token, the text and the newline that ends it, summed token by token;
+    texts of different lengths batched together give what each gives alone."""
+    tok = CharTokenizer.fit(["abc not good\n"])
+    torch.manual_seed(0)
+    model = RNNModel(ModelConfig(vocab_size=tok.vocab_size, hidden=16, emb_dim=8, layers=2))
+    model = model.with_label_tokens(["neg", "pos"]).eval()
+    model.heads["classifier"] = ClassifierHead(model.encoder.output_size, ["neg", "pos"], 0.0)
+    texts = ["not good", "a", "good not abc abc"]
+    seqs, _ = encode_texts(tok, texts, 256)
+    got = label_log_likelihoods(model, tok, seqs, torch.device("cpu"))
+    assert got.shape == (3, 2)
+    for i, text in enumerate(texts):
+        for j, label in enumerate(["neg", "pos"]):
+            ids = torch.tensor([[model.config.label_id(label), *tok.encode(text), *tok.encode("\n")]])
+            with torch.no_grad():
+                logp = torch.log_softmax(model(ids[:, :-1])[0], -1)
+            expected = logp[0].gather(1, ids[0, 1:, None]).sum()
+            assert got[i, j].item() == pytest.approx(expected.item(), abs=1e-4)
+    alone = label_log_likelihoods(model, tok, seqs[1:2], torch.device("cpu"))
+    torch.testing.assert_close(alone[0], got[1], atol=1e-5, rtol=1e-5)
+
+
+def test_the_checkpoint_classifies_with_the_language_models_vote(order_csv: Path, tmp_path: Path) -> None:
+    """With --lm-vote W the scores are the head's log-probabilities + W (log p(text | label) + log prior);
+    auto picks W from the grid on the validation set and keeps it in the checkpoint."""
+    options = dict(model_options={"hidden": 16, "emb_dim": 8, "layers": 1}, max_steps=60, eval_every=30,
+                   device="cpu")
+    fixed = prepare_classifier([str(order_csv)], tmp_path / "fixed", lm_vote=0.5, **options)
+    fixed.run()
+    gen = rnngen.load(str(tmp_path / "fixed" / "best"))
+    assert gen.config["classify"]["lm_vote"] == 0.5
+    texts = ["not good", "good not at all", "the food was not good"]
+    seqs, _ = encode_texts(gen.tokenizer, texts, 256)
+    cpu = torch.device("cpu")
+    head = torch.log_softmax(predict_logits(gen.model, seqs, cpu), -1)
+    lm = label_log_likelihoods(gen.model, gen.tokenizer, seqs, cpu)
+    prior = torch.tensor(gen.config["classify"]["log_prior"])
+    assert prior.exp().sum().item() == pytest.approx(1.0)
+    expected = torch.softmax(head + 0.5 * (lm + prior), -1)
+    assert not torch.allclose(expected, torch.softmax(head, -1), atol=1e-3)  # the vote moves the probabilities
+    for probs, result in zip(expected, gen.classify(texts, top=2)):
+        assert result["probability"] == pytest.approx(float(probs.max()), abs=1e-5)
+        assert result["label"] == gen.model.classifier.classes[int(probs.argmax())]
+    head_alone = gen.classify(texts, top=2, lm_vote=0)
+    for probs, result in zip(torch.softmax(head, -1), head_alone):
+        assert result["probability"] == pytest.approx(float(probs.max()), abs=1e-5)
+    evaluated = run_cli("classify", "eval", str(tmp_path / "fixed" / "best"), str(order_csv), "--json",
+                        "--lm-vote", "0")
+    assert evaluated.returncode == 0 and json.loads(evaluated.stdout)["lm_vote"] == 0.0, evaluated.stderr
+    auto = prepare_classifier([str(order_csv)], tmp_path / "auto", **options)
+    auto.run()
+    metrics = [json.loads(x) for x in (tmp_path / "auto" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["val_lm_vote"] in VOTE_GRID for r in metrics)
+    kept = rnngen.load(str(tmp_path / "auto" / "best")).config
+    best = next(r for r in metrics if r["step"] == kept["training"]["best_step"])
+    assert kept["classify"]["lm_vote"] == best["val_lm_vote"]
+    off = prepare_classifier([str(order_csv)], tmp_path / "off", lm_vote=0, **options)
+    assert off.votes == () and off.evaluate()["lm_vote"] == 0.0
