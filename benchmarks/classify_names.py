@@ -102,7 +102,8 @@ def main() -> None:
             names = [n.strip() for n in gen.sample_many(args.per_label, label=label, length=30, seed=0,
                                                          temperature=temperature, guidance=guidance)]
             names = [n for n in names if n]
-            predicted = [r["label"] for r in gen.classify(names)]
+            # judged by the classifier head alone: the LM that generated the names would vote for their label
+            predicted = [r["label"] for r in gen.classify(names, lm_vote=0)]
             agreement[label] = round(sum(p == label for p in predicted) / max(1, len(predicted)), 3)
             distinct.append(len(set(names)) / max(1, len(names)))
             novel.append(sum(n not in seen for n in names) / max(1, len(names)))
