@@ -209,7 +209,7 @@ def predict_logits(model: RNNModel, seqs: Sequence[np.ndarray], device: torch.de
 
 
 @torch.no_grad()
-def sequence_nats(model: RNNModel, seqs: Sequence[np.ndarray], device: torch.device, batch_size: int = 256,
+def sequence_nats(model: RNNModel, seqs: Sequence[np.ndarray], device: torch.device, batch_size: int = 64,
                   bf16: bool = False) -> torch.Tensor:
     """For each sequence (N,): the language model's nats of all its tokens after the first, read in turn."""
     was_training = model.training
