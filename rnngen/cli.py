@@ -745,7 +745,9 @@ def classify_train(data: tuple[str, ...], base: str | None, out: str | None, res
     if not quiet:
         console.note(f"done ({result.stopped.replace('_', ' ')}) after {result.steps} steps, {result.elapsed:.0f} s; "
                      f"best validation accuracy {best.get('accuracy', float('nan')):.4f}, macro-F1 "
-                     f"{best.get('macro_f1', float('nan')):.4f}; saved in {out}")
+                     f"{best.get('macro_f1', float('nan')):.4f}"
+                     + (f" (with the language model's vote, weight {best['lm_vote']:g})" if best.get("lm_vote") else "")
+                     + f"; saved in {out}")
 
 
 def _input_texts(texts: tuple[str, ...], file: str | None, encoding: str) -> list[str]:
@@ -823,5 +825,6 @@ def classify_eval(checkpoint: str, data: tuple[str, ...], text_column: str, labe
         console.warn(labelled.skipped_summary())
     console.stdout.print(f"[bold]{', '.join(data)}[/] under {gen.directory}")
     console.stdout.print(console.key_value_table({"examples": result["examples"], "accuracy": result["accuracy"],
-                                                  "macro-F1": result["macro_f1"], "LM vote": result["lm_vote"]}))
+                                                  "macro-F1": result["macro_f1"],
+                                                  "LM vote (weight)": f"{result['lm_vote']:g}"}))
     console.stdout.print(console.classification_tables(result))
