@@ -243,8 +243,12 @@ def label_log_likelihoods(model: RNNModel, tokenizer: Tokenizer, seqs: Sequence[
     read after each class's label token instead of the start, up to the newline that ends a text."""
     classes = model.classifier.classes  # type: ignore[union-attr]
     end = start_ids(tokenizer)
-    lm_seqs = [np.concatenate([[model.config.label_id(c)], seq[len(end):], end]) for seq in seqs for c in classes]
-    return -sequence_nats(model, lm_seqs, device, bf16=bf16).view(len(seqs), len(classes))
+    out = [torch.empty(0, len(classes))]
+    for start in range(0, len(seqs), 1024):  # a chunk of texts at a time: C sequences for each
+        chunk = seqs[start: start + 1024]
+        lm_seqs = [np.concatenate([[model.config.label_id(c)], seq[len(end):], end]) for seq in chunk for c in classes]
+        out.append(-sequence_nats(model, lm_seqs, device, bf16=bf16).view(len(chunk), len(classes)))
+    return torch.cat(out)
 
 
 def can_vote(model: RNNModel) -> bool:
@@ -367,8 +371,8 @@ class ClassifierTrainer:
                       else VOTE_GRID if config.lm_vote is None else (config.lm_vote,))
         self.char_lengths = tokenizer.char_lengths()
         if len(self.char_lengths) < model.config.vocab_size:  # label tokens stand for no characters
-            self.char_lengths = np.concatenate(
-                [self.char_lengths, np.zeros(model.config.vocab_size - len(self.char_lengths), self.char_lengths.dtype)])
+            missing = model.config.vocab_size - len(self.char_lengths)
+            self.char_lengths = np.concatenate([self.char_lengths, np.zeros(missing, self.char_lengths.dtype)])
         self.train_loss: float | None = None
         self.best_val: dict[str, Any] = {}
         self.last_val: dict[str, Any] = {}

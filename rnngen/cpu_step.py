@@ -173,8 +173,9 @@ class NativeLSTM:
 class NativeSampler:
     """``GraphSampler``'s interface for one stream on the CPU: blocks of tokens from ``NativeLSTM``.
 
-    ``temperature`` None means greedy; ``top_k`` and ``top_p`` filter as ``generate.filter_logits``. The noise for a block is drawn before it runs, (block, V) Exp(1)
-    values from the caller's generator: the same values, in the same order, as one draw per step.
+    ``temperature`` None means greedy; ``top_k`` and ``top_p`` filter as ``generate.filter_logits``. The
+    noise for a block is drawn before it runs, (block, V) Exp(1) values from the caller's generator: the
+    same values, in the same order, as one draw per step.
     """
 
     def __init__(self, net: NativeLSTM, state: State, logits: torch.Tensor, temperature: float | None,
