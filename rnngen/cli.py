@@ -391,27 +391,37 @@ def info(checkpoint: str, as_json: bool) -> None:
         return
     m, t = config["model"], config.get("training", {})
     best = t.get("best_val") or {}
+    classifier = gen.model.classifier
     tok = gen.tokenizer
     vocab_preview = "".join(tok.decode([i]) for i in range(1, min(tok.vocab_size, 80)))
+    if classifier is not None and "accuracy" in best:
+        vote = config.get("classify", {}).get("lm_vote", 0.0)
+        best_text = (f"accuracy {best['accuracy']:.4f}, macro-F1 {best['macro_f1']:.4f}"
+                     + (f" (with the language model's vote, weight {vote:g})" if vote else ""))
+    else:
+        best_text = f"{best['loss']:.4f} nats/token, {best['bits_per_char']:.4f} bits/char" if best else "-"
     console.stdout.print(f"[bold]{gen.directory}[/]")
     console.stdout.print(console.key_value_table({
         "model": f"{m['arch']} {m['layers']}x{m['hidden']}, embedding {m['emb_dim']}, dropout {m['dropout']}"
-                 f"{', tied' if m.get('tie_weights') else ''}",
+                 f"{', tied' if m.get('tie_weights') else ''}{', bidirectional' if m.get('bidirectional') else ''}",
         "parameters": f"{gen.model.num_parameters():,}",
         "tokenizer": f"{tok.kind}, {tok.vocab_size} symbols",
         "vocabulary": repr(vocab_preview) if tok.kind == "char" else "(subwords)",
-        "corpus": t.get("corpus", "-"), "steps": t.get("step"), "training time": f"{t.get('seconds', 0):.0f} s",
-        "best step": t.get("best_step"),
-        "best validation": f"{best['loss']:.4f} nats/token, {best['bits_per_char']:.4f} bits/char" if best else "-",
-        "written by": f"rnngen {config.get('rnngen_version', '?')}"}))
+        **({"classes": f"{len(classifier.classes)}: {', '.join(classifier.classes)}"} if classifier else {}),
+        "corpus": t.get("corpus") or t.get("data") or "-", "steps": t.get("step"),
+        "training time": f"{t.get('seconds', 0):.0f} s", "best step": t.get("best_step"),
+        "best validation": best_text, "written by": f"rnngen {config.get('rnngen_version', '?')}"}))
     if metrics:
+        columns = {"train loss": "train_loss", "val loss": "val_loss", "bits/char": "val_bits_per_char"}
+        if any("val_accuracy" in r for r in metrics):
+            columns = {"train loss": "train_loss", "val loss": "val_loss", "val accuracy": "val_accuracy",
+                       "LM bits/char": "val_lm_bits_per_char"}
         table = console.Table(title="history (metrics.jsonl)", title_justify="left")
-        for col in ("step", "seconds", "train loss", "val loss", "bits/char"):
+        for col in ("step", "seconds", *columns):
             table.add_column(col, justify="right")
         shown = metrics if len(metrics) <= 12 else metrics[:4] + metrics[-8:]
         for r in shown:
-            table.add_row(str(r["step"]), f"{r['seconds']:.0f}", console.fmt(r.get("train_loss")),
-                          console.fmt(r.get("val_loss")), console.fmt(r.get("val_bits_per_char")))
+            table.add_row(str(r["step"]), f"{r['seconds']:.0f}", *(console.fmt(r.get(k)) for k in columns.values()))
         console.stdout.print(table)
 
 

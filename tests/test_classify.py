@@ -138,6 +138,8 @@ def test_cli_train_predict_eval_and_label_conditioned_sampling(tmp_path: Path) -
     assert result["accuracy"] >= 0.95 and len(result["confusion"]) == 2
     proc = run_cli("classify", "eval", str(run), str(data))
     assert "confusion" in proc.stdout and "macro-F1" in proc.stdout
+    proc = run_cli("info", str(run))  # a classifier's summary: its classes and validation accuracy
+    assert proc.returncode == 0 and "consonants, vowels" in proc.stdout and "accuracy" in proc.stdout, proc.stderr
     for label, allowed in (("vowels", set("aeo")), ("consonants", set("kts"))):
         proc = run_cli("sample", str(run), "--label", label, "--length", "30", "--greedy")
         assert proc.returncode == 0, proc.stderr
