@@ -1,4 +1,4 @@
-/* rnngen's batch-1 LSTM sampler for the CPU: a block of steps, each followed by its sampling, in one call.
+/* rnngen's batch-1 LSTM and GRU sampler for the CPU: a block of steps, each followed by its sampling, in one call.
  *
  * Built by rnngen/cpu_step.py with the machine's C compiler on first use (see that file for the layout of
  * the weights). Per step, every thread computes the gates of its own blocks of UB hidden units (so the cell
@@ -15,7 +15,8 @@
 #endif
 
 #define UB 32       /* hidden units per block */
-#define GB (4 * UB) /* gate pre-activations per block: i, f, o, g of its UB units, in that order */
+#define GB (4 * UB) /* LSTM gate pre-activations per block: i, f, o, g of its UB units, in that order */
+#define G3 (3 * UB) /* GRU gate pre-activations per block: r, z, n of its UB units (PyTorch's order) */
 
 /* exp(x) to about 1 ulp (Cephes' expf), written so that the compiler vectorises the loops that call it: no
  * branches and no library calls (floorf, fminf and copysignf stop GCC from vectorising without -ffast-math).
@@ -59,6 +60,29 @@ static void block_gates(const float *restrict panel, const float *restrict bias,
         for (int j = 0; j < GB; j++) acc[j] += x * panel[j];
     }
     memcpy(gates, acc, sizeof acc);
+}
+
+/* out = bias + W @ a for one block of a GRU: panel rows of G3, k rows in all. */
+static void block_gates3(const float *restrict panel, const float *restrict bias, const float *restrict a, int k,
+                         float *restrict out) {
+    float acc[G3];
+    for (int j = 0; j < G3; j++) acc[j] = bias[j];
+    for (int i = 0; i < k; i++, panel += G3) {
+        const float x = a[i];
+        for (int j = 0; j < G3; j++) acc[j] += x * panel[j];
+    }
+    memcpy(out, acc, sizeof acc);
+}
+
+/* r, z = sigmoid(gi + gh), n = tanh(gi_n + r * gh_n), h = n + z * (h - n) for the UB units of one block
+ * (as rnngen.fastpath.Streams._gru_cell does it). */
+static void block_gru_cell(const float *restrict gi, const float *restrict gh, const float *restrict h,
+                           float *restrict h_new) {
+    for (int u = 0; u < UB; u++) {
+        float r = sigmoid(gi[u] + gh[u]), z = sigmoid(gi[UB + u] + gh[UB + u]);
+        float n = tanh_approx(gi[2 * UB + u] + r * gh[2 * UB + u]);
+        h_new[u] = n + z * (h[u] - n);
+    }
 }
 
 /* c = f * c + i * g, h = o * tanh(c) for the UB units of one block. */
@@ -156,7 +180,7 @@ static void finish_step(int s, int L, int HP, int V, float *h, const float *hn, 
     memcpy(h, hn, sizeof(float) * n);
     if (track_h) {
         memcpy(track_h + (size_t)s * n, h, sizeof(float) * n);
-        memcpy(track_c + (size_t)s * n, c, sizeof(float) * n);
+        if (track_c) memcpy(track_c + (size_t)s * n, c, sizeof(float) * n);
         memcpy(track_logits + (size_t)s * V, logits, sizeof(float) * (size_t)V);
     }
 }
@@ -165,14 +189,20 @@ static void finish_step(int s, int L, int HP, int V, float *h, const float *hn, 
  * token, advance, and so on. tokens[s] gets step s's token; with track_h/track_c/track_logits non-NULL the
  * state and logits after each step too. h, c and logits end at the last step. hn: (L, HP) scratch for the
  * new h (the old one is still being read by the other threads); scratch: (V) floats, work: (V) ranked.
+ * LSTM (gru == 0):
  *   panels[l]: layer l's weights, (HP / UB) blocks of (K_l, GB), K_0 = HP (h_0), K_l = 2 HP (h_{l-1} | h_l);
- *   table: (V, HP / UB, GB) layer 0's input gates per token (biases included); biases[l-1]: (HP / UB, GB);
- *   w_out: (HP, V), b_out: (V). noise: (steps, V) Exp(1) draws, NULL when greedy. top_k, top_p: as pick's. */
-void rnngen_lstm_sample(const float *const *panels, const float *table, const float *const *biases,
-                        const float *w_out, const float *b_out, int L, int HP, int V,
-                        float *h, float *hn, float *c, float *logits, float *scratch, ranked *work,
-                        const float *noise, float temperature, int top_k, float top_p, int steps, int threads,
-                        int64_t *tokens, float *track_h, float *track_c, float *track_logits) {
+ *   table: (V, HP / UB, GB) layer 0's input gates per token (biases included); biases[l-1]: (HP / UB, GB).
+ * GRU (gru != 0; c unused, track_c NULL):
+ *   panels[l]: layer l's hidden-to-hidden weights, (HP / UB) blocks of (HP, G3); biases[l]: its b_hh, (HP / UB, G3);
+ *   in_panels[l-1], in_biases[l-1]: layer l's input weights and b_ih (l >= 1), shaped likewise;
+ *   table: (V, HP / UB, G3) layer 0's input gates per token (b_ih included).
+ * w_out: (HP, V), b_out: (V). noise: (steps, V) Exp(1) draws, NULL when greedy. top_k, top_p: as pick's. */
+void rnngen_sample(int gru, const float *const *panels, const float *table, const float *const *biases,
+                   const float *const *in_panels, const float *const *in_biases,
+                   const float *w_out, const float *b_out, int L, int HP, int V,
+                   float *h, float *hn, float *c, float *logits, float *scratch, ranked *work,
+                   const float *noise, float temperature, int top_k, float top_p, int steps, int threads,
+                   int64_t *tokens, float *track_h, float *track_c, float *track_logits) {
     const int blocks = HP / UB;
     int64_t token = 0;
 #ifdef _OPENMP
@@ -187,7 +217,7 @@ void rnngen_lstm_sample(const float *const *panels, const float *table, const fl
 #endif
         const int b0 = blocks * t / nt, b1 = blocks * (t + 1) / nt;
         const int v0 = V * t / nt, v1 = V * (t + 1) / nt;
-        float gates[GB];
+        float gates[GB], hgates[G3];
         for (int s = 0; s < steps; s++) {
 #ifdef _OPENMP
 #pragma omp single
@@ -201,6 +231,18 @@ void rnngen_lstm_sample(const float *const *panels, const float *table, const fl
             for (int l = 0; l < L; l++) {
                 for (int b = b0; b < b1; b++) {
                     const size_t at = (size_t)l * HP + (size_t)b * UB;
+                    if (gru) {
+                        const float *gi = gates;
+                        if (l == 0)
+                            gi = table + ((size_t)token * blocks + b) * G3;
+                        else
+                            block_gates3(in_panels[l - 1] + (size_t)b * HP * G3, in_biases[l - 1] + (size_t)b * G3,
+                                         hn + (size_t)(l - 1) * HP, HP, gates);
+                        block_gates3(panels[l] + (size_t)b * HP * G3, biases[l] + (size_t)b * G3, h + (size_t)l * HP,
+                                     HP, hgates);
+                        block_gru_cell(gi, hgates, h + at, hn + at);
+                        continue;
+                    }
                     if (l == 0)
                         block_gates(panels[0] + (size_t)b * HP * GB, table + ((size_t)token * blocks + b) * GB,
                                     h, HP, NULL, 0, gates);

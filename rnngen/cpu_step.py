@@ -1,4 +1,4 @@
-"""Batch-1 sampling of an LSTM on the CPU in compiled C: a block of steps and their sampling in one call.
+"""Batch-1 sampling of an LSTM or GRU on the CPU in compiled C: a block of steps and their sampling in one call.
 
 At batch 1 the torch step (``fastpath.Streams``) spends about half its time in the overhead of a dozen
 small operations per token, and torch's matrix-vector products read the weights at a fraction of the
@@ -76,7 +76,7 @@ def _build() -> ctypes.CDLL:
                     continue
                 os.replace(built, path)  # whole or absent: a concurrent build never loads half a file
         library = ctypes.CDLL(str(path))
-        library.rnngen_lstm_sample.restype = None
+        library.rnngen_sample.restype = None
         return library
     raise NativeUnavailable(f"{compiler} could not build {SOURCE.name}: {'; '.join(errors)}")
 
@@ -95,10 +95,12 @@ def library() -> ctypes.CDLL:
 
 
 def _gate_blocks(m: torch.Tensor, hidden: int, padded: int) -> torch.Tensor:
-    """(..., 4H), gates i, f, o, g -> (..., HP / UNITS, 4 * UNITS): each block the four gates of its units."""
-    lead = m.shape[:-1]
-    m = F.pad(m.reshape(*lead, 4, hidden), (0, padded - hidden))
-    return m.reshape(*lead, 4, padded // UNITS, UNITS).transpose(-3, -2).reshape(*lead, padded // UNITS, 4 * UNITS)
+    """(..., G * H), G gates (LSTM: i, f, o, g; GRU: r, z, n) -> (..., HP / UNITS, G * UNITS): each block the
+    G gates of its units."""
+    lead, gates = m.shape[:-1], m.shape[-1] // hidden
+    m = F.pad(m.reshape(*lead, gates, hidden), (0, padded - hidden))
+    return (m.reshape(*lead, gates, padded // UNITS, UNITS).transpose(-3, -2)
+            .reshape(*lead, padded // UNITS, gates * UNITS))
 
 
 def _pad_inputs(w: torch.Tensor, parts: int, hidden: int, padded: int) -> torch.Tensor:
@@ -106,31 +108,51 @@ def _pad_inputs(w: torch.Tensor, parts: int, hidden: int, padded: int) -> torch.
     return F.pad(w.reshape(parts, hidden, -1), (0, 0, 0, padded - hidden)).reshape(parts * padded, -1)
 
 
-class NativeLSTM:
-    """An LSTM's weights from a ``Stepper`` laid out for ``cpu_step.c`` (built once; the weights must not change).
+def _pointers(tensors: list[torch.Tensor]) -> ctypes.Array:
+    """A C array of the tensors' data pointers (one null entry when there are none)."""
+    return (ctypes.c_void_p * max(1, len(tensors)))(*(t.data_ptr() for t in tensors))
+
+
+class NativeRNN:
+    """An LSTM's or GRU's weights from a ``Stepper`` laid out for ``cpu_step.c`` (built once; the weights must
+    not change).
 
     Hidden units are padded to a multiple of UNITS with zero weights, which keeps the padded units at 0.
     """
 
     def __init__(self, stepper: Stepper) -> None:
         s = stepper
-        if s.arch != "lstm" or s.dtype != torch.float32 or s.device.type != "cpu" or s.w_ih0 is not None:
-            raise NativeUnavailable("the compiled step is for fp32 LSTMs on the CPU with a per-token input table")
+        if s.arch not in ("lstm", "gru") or s.dtype != torch.float32 or s.device.type != "cpu" or s.w_ih0 is not None:
+            raise NativeUnavailable("the compiled step is for fp32 LSTMs and GRUs on the CPU with a per-token "
+                                    "input table")
         self.library = library()
+        self.gru = s.arch == "gru"
         self.layers, self.hidden, self.vocab_size = s.layers, s.hidden, s.vocab_size
         H = s.hidden
         HP = self.padded = -(-H // UNITS) * UNITS
 
-        def panels(w: torch.Tensor, parts: int) -> torch.Tensor:  # (parts * H, 4H) -> (blocks, parts * HP, GB)
+        def panels(w: torch.Tensor, parts: int) -> torch.Tensor:  # (parts * H, G * H) -> (blocks, parts * HP, G * UB)
             return _gate_blocks(_pad_inputs(w, parts, H, HP), H, HP).transpose(0, 1).contiguous()
 
-        self.panels = [panels(s.w_hh0, 1)] + [panels(w, 2) for w, _ in s.upper]
-        self.table = _gate_blocks(s.table, H, HP).contiguous()
-        self.biases = [_gate_blocks(b, H, HP).contiguous() for _, b in s.upper]
+        def blocks(b: torch.Tensor) -> torch.Tensor:
+            return _gate_blocks(b, H, HP).contiguous()
+
+        self.table = blocks(s.table)
+        in_panels: list[torch.Tensor] = []
+        in_biases: list[torch.Tensor] = []
+        if self.gru:  # hidden-to-hidden and input weights apart: the reset gate multiplies h @ W_hn alone
+            self.panels = [panels(s.w_hh0, 1)] + [panels(w_hh, 1) for _, _, w_hh, _ in s.upper]
+            self.biases = [blocks(s.b_hh0)] + [blocks(b_hh) for _, _, _, b_hh in s.upper]  # type: ignore[arg-type]
+            in_panels = [panels(w_ih, 1) for w_ih, _, _, _ in s.upper]
+            in_biases = [blocks(b_ih) for _, b_ih, _, _ in s.upper]
+        else:
+            self.panels = [panels(s.w_hh0, 1)] + [panels(w, 2) for w, _ in s.upper]
+            self.biases = [blocks(b) for _, b in s.upper]
+        self.inputs = (in_panels, in_biases)  # kept alive: the C code reads them through the pointers below
         self.w_out = _pad_inputs(s.w_out, 1, H, HP).contiguous()
         self.b_out = s.b_out.contiguous()
-        self.panel_ptrs = (ctypes.c_void_p * len(self.panels))(*(p.data_ptr() for p in self.panels))
-        self.bias_ptrs = (ctypes.c_void_p * max(1, len(self.biases)))(*(b.data_ptr() for b in self.biases))
+        self.panel_ptrs, self.bias_ptrs = _pointers(self.panels), _pointers(self.biases)
+        self.in_panel_ptrs, self.in_bias_ptrs = _pointers(in_panels), _pointers(in_biases)
         self.threads: int | None = None  # None: torch's thread count, at most MAX_THREADS and one per block
 
     def thread_count(self) -> int:
@@ -140,16 +162,17 @@ class NativeLSTM:
     def sample(self, h: torch.Tensor, c: torch.Tensor, logits: torch.Tensor, noise: torch.Tensor | None,
                temperature: float, steps: int, track: bool, top_k: int | None = None,
                top_p: float | None = None) -> tuple[torch.Tensor, State, torch.Tensor | None]:
-        """``steps`` picks and steps from h, c (L, HP) and logits (V,), all updated in place.
+        """``steps`` picks and steps from h, c (L, HP; c unused by a GRU) and logits (V,), all updated in place.
 
-        Returns the tokens (steps,) and, with ``track``, the state ((steps, L, 1, H) each) and logits
+        Returns the tokens (steps,) and, with ``track``, the state ((steps, L, 1, H) each: h, and c for an
+        LSTM) and logits
         (steps, 1, V) after every step; greedy when ``noise`` is None (``temperature``, ``top_k`` and
         ``top_p`` are then unused).
         """
         L, HP, V = self.layers, self.padded, self.vocab_size
         tokens = torch.empty(steps, dtype=torch.int64)
         track_h = torch.empty(steps, L, HP) if track else None
-        track_c = torch.empty(steps, L, HP) if track else None
+        track_c = torch.empty(steps, L, HP) if track and not self.gru else None
         track_logits = torch.empty(steps, V) if track else None
 
         def ptr(t: torch.Tensor | None) -> ctypes.c_void_p:
@@ -157,8 +180,9 @@ class NativeLSTM:
 
         hn, scratch = torch.empty_like(h), torch.empty_like(logits)
         work = torch.empty(V, 2, dtype=torch.int32)  # cpu_step.c's `ranked`: (value, index) pairs of 4 bytes each
-        self.library.rnngen_lstm_sample(
-            self.panel_ptrs, ptr(self.table), self.bias_ptrs, ptr(self.w_out), ptr(self.b_out),
+        self.library.rnngen_sample(
+            ctypes.c_int(self.gru), self.panel_ptrs, ptr(self.table), self.bias_ptrs, self.in_panel_ptrs,
+            self.in_bias_ptrs, ptr(self.w_out), ptr(self.b_out),
             ctypes.c_int(L), ctypes.c_int(HP), ctypes.c_int(V), ptr(h), ptr(hn), ptr(c), ptr(logits), ptr(scratch),
             ptr(work), ptr(noise), ctypes.c_float(temperature), ctypes.c_int(top_k or 0),
             ctypes.c_float(1.0 if top_p is None else top_p), ctypes.c_int(steps),
@@ -166,19 +190,19 @@ class NativeLSTM:
         if not track:
             return tokens, (), None
         H = self.hidden
-        states = (track_h[:, :, None, :H], track_c[:, :, None, :H])  # type: ignore[index]
+        states = tuple(t[:, :, None, :H] for t in (track_h, track_c) if t is not None)
         return tokens, states, track_logits[:, None]  # type: ignore[index]
 
 
 class NativeSampler:
-    """``GraphSampler``'s interface for one stream on the CPU: blocks of tokens from ``NativeLSTM``.
+    """``GraphSampler``'s interface for one stream on the CPU: blocks of tokens from ``NativeRNN``.
 
     ``temperature`` None means greedy; ``top_k`` and ``top_p`` filter as ``generate.filter_logits``. The
     noise for a block is drawn before it runs, (block, V) Exp(1) values from the caller's generator: the
     same values, in the same order, as one draw per step.
     """
 
-    def __init__(self, net: NativeLSTM, state: State, logits: torch.Tensor, temperature: float | None,
+    def __init__(self, net: NativeRNN, state: State, logits: torch.Tensor, temperature: float | None,
                  track: bool, block: int, top_k: int | None = None, top_p: float | None = None) -> None:
         self.net, self.temperature, self.track, self.block = net, temperature, track, block
         self.top_k, self.top_p = top_k, top_p
@@ -188,10 +212,10 @@ class NativeSampler:
         self.reset(state, logits)
 
     def reset(self, state: State, logits: torch.Tensor) -> None:
-        """Start the next block from ``state`` ((L, 1, H) each) and ``logits`` (1, V)."""
+        """Start the next block from ``state`` ((L, 1, H) each: h, and c for an LSTM) and ``logits`` (1, V)."""
         H = self.net.hidden
-        self.h[:, :H].copy_(state[0][:, 0])
-        self.c[:, :H].copy_(state[1][:, 0])
+        for buffer, part in zip((self.h, self.c), state):
+            buffer[:, :H].copy_(part[:, 0])
         self.logits.copy_(logits[0])
 
     def blocks(self, generator: torch.Generator, length: int) -> Iterator[tuple[list[list[int]], State,

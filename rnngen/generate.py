@@ -13,7 +13,7 @@ import torch
 
 from .checkpoint import load_checkpoint, run_dir_of
 from .config import SampleConfig
-from .cpu_step import NativeLSTM, NativeSampler, NativeUnavailable
+from .cpu_step import NativeRNN, NativeSampler, NativeUnavailable
 from .errors import InputError
 from .fastpath import GraphSampler, Stepper
 from .model import RNNModel, State
@@ -156,9 +156,9 @@ class Generator:
         self.triton_error: Exception | None = None  # why the Triton step failed, if it ever did
         self._triton_step: Callable[..., Any] | bool | None = None  # built on first use; False: not for this model
         self._graphs: dict[tuple[Any, ...], GraphSampler] = {}  # captured CUDA graphs, by sampling settings
-        self.use_native = True  # CPU, one stream of an fp32 LSTM: sample in compiled C (see cpu_step)
+        self.use_native = True  # CPU, one stream of an fp32 LSTM or GRU: sample in compiled C (see cpu_step)
         self.native_error: Exception | None = None  # why the compiled step cannot be used, if it cannot
-        self._native: NativeLSTM | None = None  # built on first use
+        self._native: NativeRNN | None = None  # built on first use
         if model.config.label_tokens:  # label tokens only ever begin a text: never generate one
             with torch.no_grad():
                 model.lm_head.bias[model.config.text_vocab_size:] = float("-inf")
@@ -352,14 +352,14 @@ class Generator:
         return out[:, -1], state
 
     def _native_sampler(self, key: tuple[Any, ...], state: State, logits: torch.Tensor) -> NativeSampler | None:
-        """The compiled CPU sampler for one stream of an fp32 LSTM; None where it cannot run (the reason is
-        kept in ``native_error``; the torch steps are used instead)."""
+        """The compiled CPU sampler for one stream of an fp32 LSTM or GRU; None where it cannot run (the
+        reason is kept in ``native_error``; the torch steps are used instead)."""
         n, greedy, temperature, top_k, top_p, track = key
         if not (self.use_native and n == 1 and self.native_error is None):
             return None
         if self._native is None:
             try:
-                self._native = NativeLSTM(self.stepper())
+                self._native = NativeRNN(self.stepper())
             except NativeUnavailable as exc:
                 self.native_error = exc
                 return None

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from rnngen.config import SampleConfig
-from rnngen.cpu_step import NativeLSTM, NativeUnavailable, library
+from rnngen.cpu_step import NativeRNN, NativeUnavailable, library
 from rnngen.generate import BLOCK
 
 from conftest import run_cli
@@ -20,10 +20,11 @@ needs_compiler = pytest.mark.skipif(not any(map(shutil.which, ("cc", "gcc", "cla
 
 
 @needs_compiler
+@pytest.mark.parametrize("arch", ["lstm", "gru"])
 @pytest.mark.parametrize("layers,hidden", [(1, 32), (2, 40), (3, 100)])
-def test_same_seed_same_text_as_the_plain_path(tmp_path: Path, layers: int, hidden: int) -> None:
+def test_same_seed_same_text_as_the_plain_path(tmp_path: Path, arch: str, layers: int, hidden: int) -> None:
     """Hidden sizes that are not a multiple of the C code's 32-unit blocks are padded with zero weights."""
-    gen = save_generator(tmp_path, layers=layers, hidden=hidden, sharpen=1.5)
+    gen = save_generator(tmp_path, arch=arch, layers=layers, hidden=hidden, sharpen=1.5)
     for options in ({"temperature": 1.0, "seed": 5}, {"temperature": 0.6, "seed": 6}, {"greedy": True},
                     {"temperature": 1.0, "top_k": 5, "seed": 7}, {"temperature": 1.2, "top_p": 0.8, "seed": 8},
                     {"temperature": 0.9, "top_k": 12, "top_p": 0.95, "seed": 9}):
@@ -48,8 +49,8 @@ def test_top_k_and_top_p_over_a_large_vocabulary(tmp_path: Path) -> None:
 def test_steps_in_blocks_with_no_torch_step(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     gen = save_generator(tmp_path)
     calls: list[int] = []
-    sample = NativeLSTM.sample
-    monkeypatch.setattr(NativeLSTM, "sample", lambda self, *a: calls.append(a[5]) or sample(self, *a))
+    sample = NativeRNN.sample
+    monkeypatch.setattr(NativeRNN, "sample", lambda self, *a: calls.append(a[5]) or sample(self, *a))
     monkeypatch.setattr("rnngen.fastpath.Streams.advance", lambda *a: pytest.fail("the torch step was used"))
     assert len(gen.sample("ab", length=3 * BLOCK + 5, seed=1)) == 3 * BLOCK + 5
     assert calls == [BLOCK] * 3 + [5]  # the last block stops at the length asked for
@@ -57,10 +58,11 @@ def test_steps_in_blocks_with_no_torch_step(tmp_path: Path, monkeypatch: pytest.
 
 
 @needs_compiler
-def test_thread_count_does_not_change_a_number(tmp_path: Path) -> None:
+@pytest.mark.parametrize("arch", ["lstm", "gru"])
+def test_thread_count_does_not_change_a_number(tmp_path: Path, arch: str) -> None:
     """Each output is summed by one thread in one order, however the blocks are shared out."""
-    gen = save_generator(tmp_path, layers=2, hidden=128)
-    net = NativeLSTM(gen.stepper())
+    gen = save_generator(tmp_path, arch=arch, layers=2, hidden=128)
+    net = NativeRNN(gen.stepper())
     results = []
     for threads in (1, 2, 3):
         net.threads = threads
@@ -75,9 +77,10 @@ def test_thread_count_does_not_change_a_number(tmp_path: Path) -> None:
 
 
 @needs_compiler
-def test_cursor_state_after_a_stop_inside_a_block(tmp_path: Path) -> None:
+@pytest.mark.parametrize("arch", ["lstm", "gru"])
+def test_cursor_state_after_a_stop_inside_a_block(tmp_path: Path, arch: str) -> None:
     """A stop string ends the text mid-block: the cursor is where reading the text in one call leads."""
-    gen = save_generator(tmp_path, sharpen=1.5)
+    gen = save_generator(tmp_path, arch=arch, sharpen=1.5)
     full = gen.sample("a", length=200, seed=7, temperature=1.0)
     stop = full[50:52]
     cursor = gen.start("a")
@@ -98,12 +101,12 @@ def test_block_noise_is_the_noise_of_one_draw_per_step() -> None:
 
 
 def test_what_it_does_not_cover_uses_the_torch_step(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(NativeLSTM, "sample", lambda *a: pytest.fail("the compiled step was used"))
+    monkeypatch.setattr(NativeRNN, "sample", lambda *a: pytest.fail("the compiled step was used"))
     gen = save_generator(tmp_path, sharpen=1.5)
     assert gen.sample_many(3, "a", length=100, seed=1) == plain(gen).sample_many(3, "a", length=100, seed=1)
-    gru = save_generator(tmp_path, arch="gru")
-    assert gru.sample("a", length=100, seed=1) == plain(gru).sample("a", length=100, seed=1)
-    assert isinstance(gru.native_error, NativeUnavailable) and "LSTM" in str(gru.native_error)
+    rnn = save_generator(tmp_path, arch="rnn")
+    assert rnn.sample("a", length=100, seed=1) == plain(rnn).sample("a", length=100, seed=1)
+    assert isinstance(rnn.native_error, NativeUnavailable) and "LSTMs and GRUs" in str(rnn.native_error)
 
 
 @needs_compiler
