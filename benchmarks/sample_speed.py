@@ -66,6 +66,8 @@ def batch_chars_per_s(gen: Generator, n: int, chars: int, repeats: int) -> float
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--arch", default="lstm", choices=["lstm", "gru"],
+                        help="rnngen's cell (the reference is always an nn.LSTM of the same size)")
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--emb", type=int, default=64)
@@ -93,7 +95,7 @@ def main() -> None:
 
     torch.manual_seed(0)
     model = RNNModel(ModelConfig(vocab_size=tok.vocab_size, hidden=args.hidden, layers=args.layers,
-                                 emb_dim=args.emb))
+                                 emb_dim=args.emb, arch=args.arch))
     with tempfile.TemporaryDirectory() as tmp:
         save_checkpoint(Path(tmp) / "ck", model, tok, {})
         gen = Generator.load(str(Path(tmp) / "ck"), device=args.device)
@@ -124,7 +126,7 @@ def main() -> None:
     ref = max((r for r in ref_rows if r["mode"] == "carry"), key=lambda r: r["chars_per_s"])
     record = {
         "benchmark": "sample_speed", "device": args.device,
-        "model": f"random lstm {args.layers}x{args.hidden}, emb {args.emb}, vocab {tok.vocab_size}",
+        "model": f"random {args.arch} {args.layers}x{args.hidden}, emb {args.emb}, vocab {tok.vocab_size}",
         "threads": torch.get_num_threads(), "graph_error": repr(gen.graph_error) if gen.graph_error else None,
         "native_error": repr(gen.native_error) if gen.native_error else None,
         "triton_error": repr(gen.triton_error) if gen.triton_error else None,
@@ -154,7 +156,8 @@ def main() -> None:
         table.add_row(name, f"{value:,.0f}", f"{value / ref_cps:.1f}x")
     table.add_row(f"per-char cost, {args.long:,} vs {args.short:,} chars", f"{short / long:.3f}", "")
     Console().print(table)
-    print(f"written: {save(f'sample_speed_{args.device}_{args.layers}x{args.hidden}', record)}")
+    name = f"sample_speed_{args.device}_{'' if args.arch == 'lstm' else args.arch + '_'}{args.layers}x{args.hidden}"
+    print(f"written: {save(name, record)}")
 
 
 if __name__ == "__main__":
