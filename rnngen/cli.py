@@ -13,6 +13,8 @@ import click
 
 from . import __version__
 
+SAMPLE_LENGTH = 200  # tokens shown at each evaluation of `rnngen train` when a person is watching
+
 EXAMPLES = {
     "train": "rnngen train                       # the built-in corpus (Python's help pages)\n"
              "rnngen train corpus.txt --out checkpoints/mine --max-time 600\n"
@@ -171,6 +173,9 @@ def optimizer_options(command: Any) -> Any:
 @click.option("--encoding", default="utf-8", show_default=True, help="Text encoding of the corpus files.")
 @click.option("--errors", type=click.Choice(["strict", "replace", "ignore"]), default="strict", show_default=True,
               help="What to do with undecodable bytes.")
+@click.option("--sample-length", type=click.IntRange(min=0),
+              help="Show this many tokens sampled from the model at each evaluation (0: none) "
+                   "[default: 200; 0 with --quiet or --json].")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or sample.")
 @click.option("--json", "as_json", is_flag=True, help="Print the final metrics as one JSON object on stdout.")
 def train(corpus: tuple[str, ...], out: str | None, resume: bool, encoding: str, errors: str, quiet: bool,
@@ -194,6 +199,8 @@ def train(corpus: tuple[str, ...], out: str | None, resume: bool, encoding: str,
     stop = threading.Event()
     with session() as dist:  # several processes under torchrun: only rank 0 shows anything
         quiet = quiet or not dist.is_main
+        if "sample_length" not in options:  # samples are for a person watching the progress bar
+            options["sample_length"] = 0 if quiet or as_json else SAMPLE_LENGTH
         progress = console.TrainProgress(enabled=not (quiet or as_json))
         trainer = prepare_run(list(corpus), out, resume=resume, encoding=encoding, errors=errors,
                               callback=progress.update if dist.is_main else None, stop=stop, dist=dist, **options)

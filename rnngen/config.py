@@ -93,6 +93,7 @@ class TrainConfig:
     val_fraction: float = 0.1
     max_nan_retries: int = 3
     ema: float = 0.0  # decay of the moving average of the weights that is evaluated and kept; 0: off
+    sample_length: int = 0  # tokens sampled at each evaluation, for the caller to show; 0: none
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "seq_len", "max_steps", "eval_every"):
@@ -107,6 +108,7 @@ class TrainConfig:
         require(self.max_time is None or self.max_time > 0, "--max-time must be positive")
         require(self.patience is None or self.patience >= 1, "--patience must be at least 1")
         require(self.save_every is None or self.save_every >= 1, "--save-every must be at least 1")
+        require(self.sample_length >= 0, "--sample-length must not be negative (0 shows no samples)")
         require(0.0 <= self.ema < 1.0, "--ema must be in [0, 1), e.g. 0.999 (0 turns it off)")
         require(self.precision in ("auto", "fp32", "bf16"), "--precision must be auto, fp32 or bf16")
         require(self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:"),

@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
 stderr = Console(stderr=True, highlight=False)
 stdout = Console(highlight=False)
@@ -65,6 +66,9 @@ class TrainProgress:
             fields["val"] = f"{event.val['loss']:.3f} ({event.val['bits_per_char']:.3f} bpc)"
         if event.kind == "nan":
             self.progress.console.print(f"[yellow]warning:[/] {event.message}")
+        if event.sample is not None:  # above the bar: the model's text as it learns
+            self.progress.console.print(f"[bold]sample at step {event.step}[/] (validation {fields['val']}):")
+            self.progress.console.print(Text(event.sample.rstrip("\n") or "(empty)", style="dim"), soft_wrap=True)
         self.progress.update(self.task, completed=min(1.0, done) * self.SCALE, **fields)
 
 

@@ -50,6 +50,7 @@ class TrainEvent:
     chars_per_s: float | None = None
     val: dict[str, float] | None = None
     message: str = ""
+    sample: str | None = None  # eval: a text sampled from the model as it is now (TrainConfig.sample_length)
 
 
 @dataclass
@@ -393,6 +394,7 @@ class Trainer:
         with averaged(self.average):
             val = evaluate(self.model, self.split.val, self.char_lengths, self.device,
                            max_tokens=config.eval_max_tokens, dist=self.dist)
+            sample = self._sample() if self.dist.is_main and config.sample_length else None
         self.last_val = val
         improved = math.isfinite(val["loss"]) and val["loss"] < pos.best_loss
         if improved:
@@ -403,14 +405,30 @@ class Trainer:
         if self.dist.is_main:
             append_metrics(self.run_dir, {"step": pos.step, "seconds": round(pos.elapsed, 2),
                                           "train_loss": self.train_loss, "lr": self.optimizer.param_groups[0]["lr"],
-                                          **{f"val_{k}": v for k, v in val.items()}})
+                                          **{f"val_{k}": v for k, v in val.items()},
+                                          **({"sample": sample} if sample is not None else {})})
             if improved:
                 with averaged(self.average):
                     save_checkpoint(self.run_dir / BEST, self.model, self.tokenizer, self._checkpoint_meta())
         self.save_last()
         self._snapshot()
-        self._emit("eval", val=val, loss=self.train_loss)
+        self._emit("eval", val=val, loss=self.train_loss, sample=sample)
         return config.patience is not None and pos.evals_since_best >= config.patience
+
+    def _sample(self) -> str:
+        """``sample_length`` tokens from the model as it is now, at temperature 0.8 and the run's seed (the
+        same random numbers at every evaluation: what changes is the model). The sampler draws from its own
+        random stream, so a run with samples trains exactly as one without."""
+        from .generate import Generator
+
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            # The plain path (one model call per token): the fast steps prepare the weights, which change.
+            generator = Generator(self.model, self.tokenizer, {}, self.run_dir, fast=False)
+            return generator.sample(length=self.config.sample_length, temperature=0.8, seed=self.config.seed)
+        finally:
+            self.model.train(was_training)
 
     def run(self) -> TrainResult:
         """Train until max steps, max time, early stopping or a stop request; the last state is saved."""

@@ -38,6 +38,7 @@ def test_train_sample_eval_info_plot(tmp_path: Path, prose_corpus: Path) -> None
     assert result["steps"] == 40 and result["best"]["bits_per_char"] > 0
     assert (run / "best" / "model.safetensors").is_file() and (run / "last" / "trainer_state.json").is_file()
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 2
+    assert "sample" not in json.loads((run / "metrics.jsonl").read_text().splitlines()[0])  # --json: no samples
 
     proc = run_cli("sample", str(run), "--prompt", "The ", "--length", "50", "--seed", "3")
     assert proc.returncode == 0, proc.stderr
@@ -73,9 +74,15 @@ def test_builtin_default_corpus(tmp_path: Path) -> None:
     assert "built-in corpus" in proc.stderr
     assert "a sample" in proc.stderr and len(proc.stdout.strip()) > 20
     assert (tmp_path / "checkpoints" / "builtin" / "best" / "config.json").is_file()
+    # Someone watching sees a sample at each evaluation (200 tokens), also kept in metrics.jsonl.
+    records = [json.loads(line) for line in (tmp_path / "checkpoints/builtin/metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [3, 6] and all(len(r["sample"]) >= 150 for r in records)
+    assert "sample at step 3" in proc.stderr and "sample at step 6" in proc.stderr
+    assert records[1]["sample"].strip().splitlines()[0] in proc.stderr
     proc = run_cli("train", "--max-steps", "3", "--eval-every", "3", *TINY, "--eval-max-tokens", "2000", "-q",
                    cwd=tmp_path)
     assert proc.returncode == 0 and (tmp_path / "checkpoints" / "builtin-2").is_dir()  # never overwrites
+    assert "sample" not in (tmp_path / "checkpoints/builtin-2/metrics.jsonl").read_text()  # --quiet: none
 
 
 def test_subword_tokenizer_end_to_end(tmp_path: Path, prose_corpus: Path) -> None:

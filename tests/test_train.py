@@ -30,6 +30,26 @@ def test_learns_an_order_dependent_language(tmp_path: Path, pattern_corpus: Path
     assert text.startswith("aaaaabbbbb aaaaaabbbbbb\na")
 
 
+def test_samples_at_evaluations_leave_the_run_unchanged(tmp_path: Path, pattern_corpus: Path) -> None:
+    """sample_length: each evaluation samples from the model as it is then. The sampler has its own random
+    numbers, so the run (its dropout masks and state resets) is the one it would be without samples."""
+    options = dict(hidden=64, emb_dim=16, layers=1, batch_size=16, seq_len=64, lr=1e-2, warmup_steps=10,
+                   max_steps=300, eval_every=100, dropout=0.0, emb_dropout=0.05)
+    events = []
+    prepare_run([str(pattern_corpus)], tmp_path / "a", callback=events.append, sample_length=100, **options).run()
+    train_from_options([str(pattern_corpus)], tmp_path / "b", **options)
+    with_samples, without = read_metrics(tmp_path / "a"), read_metrics(tmp_path / "b")
+    assert [r["val_loss"] for r in with_samples] == [r["val_loss"] for r in without]
+    assert [r["train_loss"] for r in with_samples] == [r["train_loss"] for r in without]
+    samples = [e.sample for e in events if e.kind == "eval"]
+    assert len(samples) == 3 and [r["sample"] for r in with_samples] == samples
+    assert all(len(s) == 100 for s in samples) and "sample" not in without[0]
+    # The last sample shows the language learnt: its second line (the first to start from a carried state,
+    # which the sampler reads to the end at temperature 0.8) is the a^n b^n block.
+    block = pattern_corpus.read_text().splitlines()[0]
+    assert samples[-1].split("\n")[1] == block, samples[-1]
+
+
 def stop_at(step: int, stop: threading.Event):
     def callback(event) -> None:
         if event.kind == "step" and event.step == step:
