@@ -66,7 +66,7 @@ def batch_chars_per_s(gen: Generator, n: int, chars: int, repeats: int) -> float
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--arch", default="lstm", choices=["lstm", "gru"],
+    parser.add_argument("--arch", default="lstm", choices=["lstm", "gru", "rnn"],
                         help="rnngen's cell (the reference is always an nn.LSTM of the same size)")
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--hidden", type=int, default=256)

@@ -1,4 +1,4 @@
-/* rnngen's batch-1 LSTM and GRU sampler for the CPU: a block of steps, each followed by its sampling, in one call.
+/* rnngen's batch-1 LSTM, GRU and plain RNN sampler for the CPU: a block of steps, each followed by its sampling, in one call.
  *
  * Built by rnngen/cpu_step.py with the machine's C compiler on first use (see that file for the layout of
  * the weights). Per step, every thread computes the gates of its own blocks of UB hidden units (so the cell
@@ -17,6 +17,7 @@
 #define UB 32       /* hidden units per block */
 #define GB (4 * UB) /* LSTM gate pre-activations per block: i, f, o, g of its UB units, in that order */
 #define G3 (3 * UB) /* GRU gate pre-activations per block: r, z, n of its UB units (PyTorch's order) */
+enum { LSTM = 0, GRU = 1, RNN = 2 }; /* rnngen_sample's arch */
 
 /* exp(x) to about 1 ulp (Cephes' expf), written so that the compiler vectorises the loops that call it: no
  * branches and no library calls (floorf, fminf and copysignf stop GCC from vectorising without -ffast-math).
@@ -46,32 +47,38 @@ static inline float tanh_approx(float x) {
     return x < 0.0f ? -t : t;
 }
 
-/* gates = bias + W @ [a | b] for one block: panel rows 0..ka-1 read a, rows ka..ka+kb-1 read b (GB wide). */
-static void block_gates(const float *restrict panel, const float *restrict bias, const float *restrict a, int ka,
-                        const float *restrict b, int kb, float *restrict gates) {
+/* out = bias + W @ [a | b] for one block of W outputs (GB for an LSTM, G3 for a GRU, UB for a plain RNN): panel
+ * rows 0..ka-1 read a, rows ka..ka+kb-1 read b, W wide. Always inlined with W a constant, so that the sums stay
+ * in registers and the loops are unrolled for each cell. */
+static inline __attribute__((always_inline)) void block_sums(int W, const float *restrict panel,
+                                                            const float *restrict bias, const float *restrict a,
+                                                            int ka, const float *restrict b, int kb,
+                                                            float *restrict out) {
     float acc[GB];
-    for (int j = 0; j < GB; j++) acc[j] = bias[j];
-    for (int k = 0; k < ka; k++, panel += GB) {
+    for (int j = 0; j < W; j++) acc[j] = bias[j];
+    for (int k = 0; k < ka; k++, panel += W) {
         const float x = a[k];
-        for (int j = 0; j < GB; j++) acc[j] += x * panel[j];
+        for (int j = 0; j < W; j++) acc[j] += x * panel[j];
     }
-    for (int k = 0; k < kb; k++, panel += GB) {
+    for (int k = 0; k < kb; k++, panel += W) {
         const float x = b[k];
-        for (int j = 0; j < GB; j++) acc[j] += x * panel[j];
+        for (int j = 0; j < W; j++) acc[j] += x * panel[j];
     }
-    memcpy(gates, acc, sizeof acc);
+    memcpy(out, acc, sizeof(float) * (size_t)W);
 }
 
-/* out = bias + W @ a for one block of a GRU: panel rows of G3, k rows in all. */
-static void block_gates3(const float *restrict panel, const float *restrict bias, const float *restrict a, int k,
-                         float *restrict out) {
-    float acc[G3];
-    for (int j = 0; j < G3; j++) acc[j] = bias[j];
-    for (int i = 0; i < k; i++, panel += G3) {
-        const float x = a[i];
-        for (int j = 0; j < G3; j++) acc[j] += x * panel[j];
-    }
-    memcpy(out, acc, sizeof acc);
+/* The W pre-activations of block b of layer l of an LSTM (W = GB) or a plain RNN (W = UB), whose layers above
+ * the first read [h_{l-1} | h_l] through one panel: layer 0 from the token's row of the input table and h_0,
+ * layer l >= 1 from the new h of the layer below and its own old h. */
+static inline __attribute__((always_inline)) void stacked_sums(int W, const float *const *panels, const float *table,
+                                                              const float *const *biases, int64_t token, int blocks,
+                                                              int b, int l, int HP, const float *h, const float *hn,
+                                                              float *gates) {
+    if (l == 0)
+        block_sums(W, panels[0] + (size_t)b * HP * W, table + ((size_t)token * blocks + b) * W, h, HP, NULL, 0, gates);
+    else
+        block_sums(W, panels[l] + (size_t)b * 2 * HP * W, biases[l - 1] + (size_t)b * W, hn + (size_t)(l - 1) * HP,
+                   HP, h + (size_t)l * HP, HP, gates);
 }
 
 /* r, z = sigmoid(gi + gh), n = tanh(gi_n + r * gh_n), h = n + z * (h - n) for the UB units of one block
@@ -83,6 +90,11 @@ static void block_gru_cell(const float *restrict gi, const float *restrict gh, c
         float n = tanh_approx(gi[2 * UB + u] + r * gh[2 * UB + u]);
         h_new[u] = n + z * (h[u] - n);
     }
+}
+
+/* h = tanh(pre-activation) for the UB units of one block of a plain RNN. */
+static void block_tanh(const float *restrict pre, float *restrict h) {
+    for (int u = 0; u < UB; u++) h[u] = tanh_approx(pre[u]);
 }
 
 /* c = f * c + i * g, h = o * tanh(c) for the UB units of one block. */
@@ -189,15 +201,16 @@ static void finish_step(int s, int L, int HP, int V, float *h, const float *hn, 
  * token, advance, and so on. tokens[s] gets step s's token; with track_h/track_c/track_logits non-NULL the
  * state and logits after each step too. h, c and logits end at the last step. hn: (L, HP) scratch for the
  * new h (the old one is still being read by the other threads); scratch: (V) floats, work: (V) ranked.
- * LSTM (gru == 0):
+ * LSTM (arch LSTM):
  *   panels[l]: layer l's weights, (HP / UB) blocks of (K_l, GB), K_0 = HP (h_0), K_l = 2 HP (h_{l-1} | h_l);
  *   table: (V, HP / UB, GB) layer 0's input gates per token (biases included); biases[l-1]: (HP / UB, GB).
- * GRU (gru != 0; c unused, track_c NULL):
+ * plain RNN (arch RNN; c unused, track_c NULL): as an LSTM's, UB wide instead of GB.
+ * GRU (arch GRU; c unused, track_c NULL):
  *   panels[l]: layer l's hidden-to-hidden weights, (HP / UB) blocks of (HP, G3); biases[l]: its b_hh, (HP / UB, G3);
  *   in_panels[l-1], in_biases[l-1]: layer l's input weights and b_ih (l >= 1), shaped likewise;
  *   table: (V, HP / UB, G3) layer 0's input gates per token (b_ih included).
  * w_out: (HP, V), b_out: (V). noise: (steps, V) Exp(1) draws, NULL when greedy. top_k, top_p: as pick's. */
-void rnngen_sample(int gru, const float *const *panels, const float *table, const float *const *biases,
+void rnngen_sample(int arch, const float *const *panels, const float *table, const float *const *biases,
                    const float *const *in_panels, const float *const *in_biases,
                    const float *w_out, const float *b_out, int L, int HP, int V,
                    float *h, float *hn, float *c, float *logits, float *scratch, ranked *work,
@@ -231,25 +244,23 @@ void rnngen_sample(int gru, const float *const *panels, const float *table, cons
             for (int l = 0; l < L; l++) {
                 for (int b = b0; b < b1; b++) {
                     const size_t at = (size_t)l * HP + (size_t)b * UB;
-                    if (gru) {
+                    if (arch == GRU) {
                         const float *gi = gates;
                         if (l == 0)
                             gi = table + ((size_t)token * blocks + b) * G3;
                         else
-                            block_gates3(in_panels[l - 1] + (size_t)b * HP * G3, in_biases[l - 1] + (size_t)b * G3,
-                                         hn + (size_t)(l - 1) * HP, HP, gates);
-                        block_gates3(panels[l] + (size_t)b * HP * G3, biases[l] + (size_t)b * G3, h + (size_t)l * HP,
-                                     HP, hgates);
+                            block_sums(G3, in_panels[l - 1] + (size_t)b * HP * G3, in_biases[l - 1] + (size_t)b * G3,
+                                       hn + (size_t)(l - 1) * HP, HP, NULL, 0, gates);
+                        block_sums(G3, panels[l] + (size_t)b * HP * G3, biases[l] + (size_t)b * G3, h + (size_t)l * HP,
+                                   HP, NULL, 0, hgates);
                         block_gru_cell(gi, hgates, h + at, hn + at);
-                        continue;
+                    } else if (arch == RNN) {
+                        stacked_sums(UB, panels, table, biases, token, blocks, b, l, HP, h, hn, gates);
+                        block_tanh(gates, hn + at);
+                    } else {
+                        stacked_sums(GB, panels, table, biases, token, blocks, b, l, HP, h, hn, gates);
+                        block_cell(gates, c + at, hn + at);
                     }
-                    if (l == 0)
-                        block_gates(panels[0] + (size_t)b * HP * GB, table + ((size_t)token * blocks + b) * GB,
-                                    h, HP, NULL, 0, gates);
-                    else
-                        block_gates(panels[l] + (size_t)b * 2 * HP * GB, biases[l - 1] + (size_t)b * GB,
-                                    hn + (size_t)(l - 1) * HP, HP, h + (size_t)l * HP, HP, gates);
-                    block_cell(gates, c + at, hn + at);
                 }
 #ifdef _OPENMP
 #pragma omp barrier

@@ -1,4 +1,4 @@
-"""Batch-1 sampling of an LSTM or GRU on the CPU in compiled C: a block of steps and their sampling in one call.
+"""Batch-1 sampling of an LSTM, GRU or plain RNN on the CPU in compiled C: a block of steps and their sampling in one call.
 
 At batch 1 the torch step (``fastpath.Streams``) spends about half its time in the overhead of a dozen
 small operations per token, and torch's matrix-vector products read the weights at a fraction of the
@@ -34,6 +34,7 @@ from .model import State
 
 SOURCE = Path(__file__).with_name("cpu_step.c")
 UNITS = 32  # hidden units per block of the C code's weights (UB there)
+ARCH_CODES = {"lstm": 0, "gru": 1, "rnn": 2}  # rnngen_sample's arch
 MAX_THREADS = 4  # a batch-1 step has little work to share; 2 threads measured (the development machine has 2)
 FLAG_SETS = (["-O3", "-march=native", "-fopenmp"], ["-O3", "-march=native"], ["-O3"])  # the first that builds
 
@@ -95,8 +96,8 @@ def library() -> ctypes.CDLL:
 
 
 def _gate_blocks(m: torch.Tensor, hidden: int, padded: int) -> torch.Tensor:
-    """(..., G * H), G gates (LSTM: i, f, o, g; GRU: r, z, n) -> (..., HP / UNITS, G * UNITS): each block the
-    G gates of its units."""
+    """(..., G * H), G gates (LSTM: i, f, o, g; GRU: r, z, n; RNN: one) -> (..., HP / UNITS, G * UNITS): each
+    block the G gates of its units."""
     lead, gates = m.shape[:-1], m.shape[-1] // hidden
     m = F.pad(m.reshape(*lead, gates, hidden), (0, padded - hidden))
     return (m.reshape(*lead, gates, padded // UNITS, UNITS).transpose(-3, -2)
@@ -114,7 +115,7 @@ def _pointers(tensors: list[torch.Tensor]) -> ctypes.Array:
 
 
 class NativeRNN:
-    """An LSTM's or GRU's weights from a ``Stepper`` laid out for ``cpu_step.c`` (built once; the weights must
+    """An LSTM's, GRU's or plain RNN's weights from a ``Stepper`` laid out for ``cpu_step.c`` (built once; the weights must
     not change).
 
     Hidden units are padded to a multiple of UNITS with zero weights, which keeps the padded units at 0.
@@ -122,11 +123,10 @@ class NativeRNN:
 
     def __init__(self, stepper: Stepper) -> None:
         s = stepper
-        if s.arch not in ("lstm", "gru") or s.dtype != torch.float32 or s.device.type != "cpu" or s.w_ih0 is not None:
-            raise NativeUnavailable("the compiled step is for fp32 LSTMs and GRUs on the CPU with a per-token "
-                                    "input table")
+        if s.dtype != torch.float32 or s.device.type != "cpu" or s.w_ih0 is not None:
+            raise NativeUnavailable("the compiled step is for fp32 models on the CPU with a per-token input table")
         self.library = library()
-        self.gru = s.arch == "gru"
+        self.arch, self.gru = s.arch, s.arch == "gru"
         self.layers, self.hidden, self.vocab_size = s.layers, s.hidden, s.vocab_size
         H = s.hidden
         HP = self.padded = -(-H // UNITS) * UNITS
@@ -145,7 +145,7 @@ class NativeRNN:
             self.biases = [blocks(s.b_hh0)] + [blocks(b_hh) for _, _, _, b_hh in s.upper]  # type: ignore[arg-type]
             in_panels = [panels(w_ih, 1) for w_ih, _, _, _ in s.upper]
             in_biases = [blocks(b_ih) for _, b_ih, _, _ in s.upper]
-        else:
+        else:  # an LSTM, or a plain RNN laid out as a one-gate LSTM
             self.panels = [panels(s.w_hh0, 1)] + [panels(w, 2) for w, _ in s.upper]
             self.biases = [blocks(b) for _, b in s.upper]
         self.inputs = (in_panels, in_biases)  # kept alive: the C code reads them through the pointers below
@@ -162,7 +162,7 @@ class NativeRNN:
     def sample(self, h: torch.Tensor, c: torch.Tensor, logits: torch.Tensor, noise: torch.Tensor | None,
                temperature: float, steps: int, track: bool, top_k: int | None = None,
                top_p: float | None = None) -> tuple[torch.Tensor, State, torch.Tensor | None]:
-        """``steps`` picks and steps from h, c (L, HP; c unused by a GRU) and logits (V,), all updated in place.
+        """``steps`` picks and steps from h, c (L, HP; used by an LSTM alone) and logits (V,), all updated in place.
 
         Returns the tokens (steps,) and, with ``track``, the state ((steps, L, 1, H) each: h, and c for an
         LSTM) and logits
@@ -172,7 +172,7 @@ class NativeRNN:
         L, HP, V = self.layers, self.padded, self.vocab_size
         tokens = torch.empty(steps, dtype=torch.int64)
         track_h = torch.empty(steps, L, HP) if track else None
-        track_c = torch.empty(steps, L, HP) if track and not self.gru else None
+        track_c = torch.empty(steps, L, HP) if track and self.arch == "lstm" else None
         track_logits = torch.empty(steps, V) if track else None
 
         def ptr(t: torch.Tensor | None) -> ctypes.c_void_p:
@@ -181,7 +181,7 @@ class NativeRNN:
         hn, scratch = torch.empty_like(h), torch.empty_like(logits)
         work = torch.empty(V, 2, dtype=torch.int32)  # cpu_step.c's `ranked`: (value, index) pairs of 4 bytes each
         self.library.rnngen_sample(
-            ctypes.c_int(self.gru), self.panel_ptrs, ptr(self.table), self.bias_ptrs, self.in_panel_ptrs,
+            ctypes.c_int(ARCH_CODES[self.arch]), self.panel_ptrs, ptr(self.table), self.bias_ptrs, self.in_panel_ptrs,
             self.in_bias_ptrs, ptr(self.w_out), ptr(self.b_out),
             ctypes.c_int(L), ctypes.c_int(HP), ctypes.c_int(V), ptr(h), ptr(hn), ptr(c), ptr(logits), ptr(scratch),
             ptr(work), ptr(noise), ctypes.c_float(temperature), ctypes.c_int(top_k or 0),

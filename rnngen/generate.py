@@ -156,7 +156,7 @@ class Generator:
         self.triton_error: Exception | None = None  # why the Triton step failed, if it ever did
         self._triton_step: Callable[..., Any] | bool | None = None  # built on first use; False: not for this model
         self._graphs: dict[tuple[Any, ...], GraphSampler] = {}  # captured CUDA graphs, by sampling settings
-        self.use_native = True  # CPU, one stream of an fp32 LSTM or GRU: sample in compiled C (see cpu_step)
+        self.use_native = True  # CPU, one stream of an fp32 model: sample in compiled C (see cpu_step)
         self.native_error: Exception | None = None  # why the compiled step cannot be used, if it cannot
         self._native: NativeRNN | None = None  # built on first use
         if model.config.label_tokens:  # label tokens only ever begin a text: never generate one
@@ -352,7 +352,7 @@ class Generator:
         return out[:, -1], state
 
     def _native_sampler(self, key: tuple[Any, ...], state: State, logits: torch.Tensor) -> NativeSampler | None:
-        """The compiled CPU sampler for one stream of an fp32 LSTM or GRU; None where it cannot run (the
+        """The compiled CPU sampler for one stream of an fp32 model; None where it cannot run (the
         reason is kept in ``native_error``; the torch steps are used instead)."""
         n, greedy, temperature, top_k, top_p, track = key
         if not (self.use_native and n == 1 and self.native_error is None):
