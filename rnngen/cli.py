@@ -430,6 +430,10 @@ def info(checkpoint: str, as_json: bool) -> None:
         for r in shown:
             table.add_row(str(r["step"]), f"{r['seconds']:.0f}", *(console.fmt(r.get(k)) for k in columns.values()))
         console.stdout.print(table)
+    sampled = [r for r in metrics if r.get("sample") is not None]
+    if sampled:  # what the model wrote at its last evaluation (`rnngen train --sample-length`)
+        console.stdout.print(f"[bold]sample at step {sampled[-1]['step']}[/] (metrics.jsonl):")
+        console.stdout.print(console.Text(sampled[-1]["sample"].rstrip("\n")), soft_wrap=True)
 
 
 # ----------------------------------------------------------------------------------------------- plot
