@@ -13,6 +13,7 @@ import click
 
 from . import __version__
 
+LONG_PROMPT_CHARS = 100_000  # `rnngen sample` shows a bar while it reads a longer prompt (seconds on a CPU)
 SAMPLE_LENGTH = 200  # tokens shown at each evaluation of `rnngen train` when a person is watching
 
 EXAMPLES = {
@@ -24,7 +25,8 @@ EXAMPLES = {
     "sample": "rnngen sample checkpoints/mine --prompt 'ROMEO:' --length 300\n"
               "rnngen sample checkpoints/mine -t 0.5 -t 1.0 --seed 7   # one sample per temperature\n"
               "rnngen sample checkpoints/mine --top-p 0.9 --stop '\\n\\n' > out.txt\n"
-              "rnngen sample checkpoints/mine --num-samples 16 --length 200 --json   # 16 at once",
+              "rnngen sample checkpoints/mine --num-samples 16 --length 200 --json   # 16 at once\n"
+              "rnngen sample checkpoints/mine --prompt-file chapter1.txt -n 2000   # prime with a whole file",
 }
 
 
@@ -280,6 +282,8 @@ def _default_out(corpus: tuple[str, ...], suffix: str = "") -> str:
 @main.command(epilog="Examples:\n\n\b\n" + EXAMPLES["sample"])
 @click.argument("checkpoint", type=click.Path())
 @click.option("--prompt", "-p", default="", help="Text to start from (\\n for newline); it is printed first.")
+@click.option("--prompt-file", type=click.Path(dir_okay=False, allow_dash=True),
+              help="Start from the text of this file, as it is (UTF-8; - reads stdin); it is printed first.")
 @click.option("--length", "-n", type=click.IntRange(min=0), default=500, show_default=True,
               help="Tokens to generate per sample.")
 @click.option("--temperature", "-t", type=float, multiple=True, callback=_check_positive,
@@ -299,7 +303,7 @@ def _default_out(corpus: tuple[str, ...], suffix: str = "") -> str:
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--json", "as_json", is_flag=True,
               help='Print the samples as one JSON list of {"temperature", "text"} (the text starts with the prompt).')
-def sample(checkpoint: str, prompt: str, length: int, temperature: tuple[float, ...], top_k: int | None,
+def sample(checkpoint: str, prompt: str, prompt_file: str | None, length: int, temperature: tuple[float, ...], top_k: int | None,
            top_p: float | None, greedy: bool, num_samples: int, stop: tuple[str, ...], seed: int | None,
            label: str | None, guidance: float, device: str, as_json: bool) -> None:
     """Generate text from a trained CHECKPOINT, streaming it to stdout.
@@ -312,10 +316,12 @@ def sample(checkpoint: str, prompt: str, length: int, temperature: tuple[float, 
     from .generate import Generator, make_generator
     from .train import resolve_device
 
+    if prompt and prompt_file is not None:
+        raise click.UsageError("give --prompt or --prompt-file, not both")
     gen = Generator.load(checkpoint, device=str(resolve_device(device)))
     from .chat import unescape
 
-    prompt = unescape(prompt)
+    prompt = unescape(prompt) if prompt_file is None else _read_prompt_file(prompt_file)
     unknown = gen.unknown_characters(prompt)
     if 0 < unknown < len(prompt):  # all unknown is an error, raised when sampling starts
         console.warn(f"{unknown} character(s) of the prompt are not in the model's vocabulary; read as <unk>")
@@ -325,7 +331,9 @@ def sample(checkpoint: str, prompt: str, length: int, temperature: tuple[float, 
     stops = tuple(unescape(s) for s in stop) or (LABELLED_END if label is not None else ())
     configs = [SampleConfig(t, top_k, top_p, greedy, length, stops, seed) for t in temperatures]
     rng = make_generator(seed, gen.device)  # one stream of randomness across all samples
-    start = lambda: gen.start(prompt, label, guidance)  # noqa: E731 (a fresh cursor for each sample)
+    with console.reading("reading the prompt", shown=len(prompt) > LONG_PROMPT_CHARS and not as_json) as progress:
+        read = gen.start(prompt, label, guidance, progress)
+    start = read.copy  # a fresh cursor for each sample; the prompt is read once
     if as_json:
         click.echo(json.dumps([{"temperature": c.temperature, "text": prompt + text} for c in configs
                                for text in gen.continue_many(start(), num_samples, c, rng)]))
@@ -349,6 +357,22 @@ def sample(checkpoint: str, prompt: str, length: int, temperature: tuple[float, 
 
 
 # ----------------------------------------------------------------------------------------------- eval
+def _read_prompt_file(path: str) -> str:
+    """The text of a prompt file (``-``: stdin), exactly as it is; bad or empty input is an InputError."""
+    from .corpora import check_readable_file, iter_file_text
+    from .errors import InputError
+
+    if path != "-":
+        return "".join(iter_file_text(check_readable_file(path, "prompt file")))
+    try:
+        text = sys.stdin.buffer.read().decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"the prompt on stdin is not valid UTF-8 at byte {exc.start}; convert it to UTF-8") from None
+    if not text:
+        raise InputError("--prompt-file - read nothing from stdin; pipe the prompt's text in")
+    return text
+
+
 @main.command(name="eval")
 @click.argument("checkpoint", type=click.Path())
 @click.argument("file", type=click.Path())

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from rich.console import Console
@@ -99,6 +101,19 @@ def classification_tables(result: dict[str, Any]) -> Any:
         confusion.add_row(name, *(f"[bold]{n}[/]" if i == j else (str(n) if n else "[dim]·[/]")
                                   for j, (i, n) in enumerate((classes.index(name), n) for n in row)))
     return Group(per_class, confusion)
+
+
+@contextmanager
+def reading(what: str, shown: bool) -> Iterator[Callable[[int, int], None] | None]:
+    """A transient progress bar on the terminal for reading a long text, updated by the ``progress(done, total)``
+    it yields; None (no bar) when not ``shown`` or when stderr is not a terminal."""
+    if not (shown and stderr.is_terminal):
+        yield None
+        return
+    with Progress(TextColumn(what), BarColumn(), TextColumn("{task.completed:,}/{task.total:,} tokens"),
+                  TimeRemainingColumn(), console=stderr, transient=True) as bar:
+        task = bar.add_task(what, total=1)
+        yield lambda done, total: bar.update(task, completed=done, total=total)
 
 
 def stream(text: str) -> None:

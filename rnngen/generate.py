@@ -20,6 +20,7 @@ from .model import RNNModel, State
 from .tokenizers import Tokenizer
 
 BLOCK = 32  # tokens per CUDA-graph replay or call of the compiled CPU step (shorter runs step eagerly)
+FEED_WINDOW = 4096  # tokens of a prompt read per model call
 GRAPH_CACHE = 8  # captured graphs kept per Generator (one per batch size and sampling settings)
 FAST_DEVICES = ("cpu", "cuda")  # where the fast steps are used (elsewhere the model is called per token)
 LABELLED_END = ("\n",)  # a labelled example's text ends at a newline (see classify.py)
@@ -217,21 +218,29 @@ class Generator:
         return newline if newline and newline[0] != self.tokenizer.unk_id else [self.tokenizer.vocab_size - 1]
 
     @torch.inference_mode()
-    def feed(self, ids: Sequence[int], state: State | None = None) -> Cursor:
-        """Read ``ids`` in one call from ``state``; the cursor is ready to predict what follows."""
+    def feed(self, ids: Sequence[int], state: State | None = None,
+             progress: Callable[[int, int], None] | None = None) -> Cursor:
+        """Read ``ids`` from ``state`` (in windows of FEED_WINDOW tokens, the state carried: a long prompt never
+        holds the logits of every position at once); the cursor is ready to predict what follows.
+        ``progress(done, total)`` is called after each window."""
         x = torch.tensor([list(ids)], dtype=torch.long, device=self.device)
-        logits, state = self.model(x, state)
+        total = x.size(1)
+        for start in range(0, total, FEED_WINDOW):
+            logits, state = self.model(x[:, start:start + FEED_WINDOW], state)
+            if progress is not None:
+                progress(min(start + FEED_WINDOW, total), total)
         return Cursor(state, logits[:, -1])
 
-    def start(self, prompt: str = "", label: str | None = None, guidance: float = 1.0) -> Cursor:
+    def start(self, prompt: str = "", label: str | None = None, guidance: float = 1.0,
+              progress: Callable[[int, int], None] | None = None) -> Cursor:
         """A cursor after ``prompt`` (after the label's token first, when ``label`` is given).
 
         ``guidance`` > 1 strengthens the label (see ``Cursor``): the text is also read from where an
-        unlabelled example begins, which models trained with ``--label-dropout`` know.
+        unlabelled example begins, which models trained with ``--label-dropout`` know. ``progress``: see ``feed``.
         """
         if not (math.isfinite(guidance) and guidance >= 0):
             raise InputError(f"guidance must be a number >= 0 (1 is plain sampling), got {guidance}")
-        cursor = self.feed(self._start_ids(prompt, label))
+        cursor = self.feed(self._start_ids(prompt, label), progress=progress)
         if guidance != 1.0:
             if label is None:
                 raise InputError("guidance strengthens a label: give --label too")

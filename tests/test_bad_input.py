@@ -104,6 +104,22 @@ def test_unknown_prompt_characters_warn_but_work(tiny_run: Path) -> None:
     assert proc.stdout.startswith("The \u20ac")
 
 
+def test_prompt_file(tiny_run: Path, tmp_path: Path) -> None:
+    """--prompt-file reads the prompt as it is (a backslash stays one), from a file or stdin."""
+    (tmp_path / "prompt.txt").write_text("The\nfile \\n", encoding="utf-8")
+    args = ("sample", str(tiny_run), "-n", "30", "--seed", "2")
+    from_file = run_cli(*args, "--prompt-file", str(tmp_path / "prompt.txt"))
+    assert from_file.returncode == 0, from_file.stderr
+    assert from_file.stdout.startswith("The\nfile \\n") and len(from_file.stdout) > len("The\nfile \\n") + 20
+    from_stdin = run_cli(*args, "--prompt-file", "-", input="The\nfile \\n")
+    assert from_stdin.returncode == 0 and from_stdin.stdout == from_file.stdout
+    (tmp_path / "binary.txt").write_bytes(b"\x7fELF\x00\x00")
+    assert_clean_error(run_cli(*args, "--prompt-file", str(tmp_path / "binary.txt")), "NUL bytes")
+    assert_clean_error(run_cli(*args, "--prompt-file", str(tmp_path / "missing.txt")), "prompt file not found")
+    assert_clean_error(run_cli(*args, "--prompt-file", "-", input=""), "read nothing from stdin")
+    assert_clean_error(run_cli(*args, "--prompt", "x", "--prompt-file", "-", input="y"), "not both")
+
+
 def copy_run(tiny_run: Path, tmp_path: Path) -> Path:
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)

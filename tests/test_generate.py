@@ -123,3 +123,21 @@ def test_sample_config_rejects_bad_values() -> None:
                 {"top_k": 0}, {"length": -1}):
         with pytest.raises(InputError):
             SampleConfig(**bad)
+
+
+def test_a_long_prompt_is_read_in_windows_with_the_state_carried(generator: Generator, monkeypatch) -> None:
+    """feed reads FEED_WINDOW tokens per model call, reporting its progress after each: the same cursor as one
+    call over the whole prompt."""
+    ids = [int(i) for i in generator.tokenizer.encode("the cat sat on the mat. " * 20)]
+    whole = generator.feed(ids)
+    calls = []
+    forward = generator.model.forward
+    monkeypatch.setattr(generator.model, "forward", lambda x, state=None: calls.append(x.size(1)) or forward(x, state))
+    monkeypatch.setattr("rnngen.generate.FEED_WINDOW", 64)
+    reported = []
+    windowed = generator.feed(ids, progress=lambda done, total: reported.append((done, total)))
+    assert calls == [64] * (len(ids) // 64) + [len(ids) % 64]
+    assert reported == [(min(64 * (k + 1), len(ids)), len(ids)) for k in range(len(calls))]
+    torch.testing.assert_close(windowed.logits, whole.logits, rtol=1e-5, atol=1e-5)
+    for a, b in zip(windowed.state, whole.state):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
