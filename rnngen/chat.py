@@ -11,7 +11,7 @@ token is fed, the stop string that ends a reply included, so the state is where 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -145,7 +145,9 @@ class ChatSession:
     """A conversation with one model: the recurrent state, the settings, the turns and an undo stack."""
 
     def __init__(self, generator: Generator, config: SampleConfig | None = None, user_prefix: str = "",
-                 bot_prefix: str = "") -> None:
+                 bot_prefix: str = "", primer: str = "", progress: Callable[[int, int], None] | None = None) -> None:
+        """``primer``: text read before the conversation (a scene, earlier dialogue, a saved conversation);
+        ``progress(done, total)`` follows its reading (see ``Generator.feed``)."""
         self.gen = generator
         self.config = config if config is not None else SampleConfig(length=300, stop=DEFAULT_STOP)
         self.user_prefix, self.bot_prefix = user_prefix, bot_prefix
@@ -155,7 +157,11 @@ class ChatSession:
         # continue_from advances a cursor in place; the tensors they hold are never modified in place
         # (each step makes new ones), so keeping references is an exact snapshot.
         self.undo_stack: list[tuple[Cursor, int]] = []
-        self.cursor = self.gen.start()  # as at the start of a paragraph, like `rnngen sample` with no prompt
+        # Read once; /reset comes back here. With no primer: as at the start of a paragraph, like
+        # `rnngen sample` with no prompt.
+        self.primer = primer
+        self.start_cursor = self.gen.start(primer, progress=progress)
+        self.cursor = self.start_cursor.copy()
 
     # -- the conversation -------------------------------------------------------------------------
     @property
@@ -183,7 +189,7 @@ class ChatSession:
         return text
 
     def context(self) -> str:
-        """The conversation as the model read it (after the initial paragraph start)."""
+        """The conversation as the model read it, after the primer (or the initial paragraph start)."""
         return "".join(t.fed + t.generated for t in self.turns)
 
     def snapshot(self) -> Cursor:
@@ -300,7 +306,7 @@ class ChatSession:
             yield Problem(f"unknown label {arg.strip()!r}: use one of {', '.join(labels)}")
         else:
             # A label token begins a labelled example, so the conversation starts again from it.
-            self.cursor, self.turns, self.undo_stack = self.gen.start(label=arg.strip()), [], []
+            self.cursor, self.turns, self.undo_stack = self.gen.start(self.primer, label=arg.strip()), [], []
             yield Notice(f"a fresh conversation for label {arg.strip()!r}")
 
     def cmd_classify(self, arg: str) -> Iterator[Event]:
@@ -316,8 +322,8 @@ class ChatSession:
         yield Info(f"{result['label']}  ({ranked})")
 
     def cmd_reset(self, arg: str) -> Iterator[Event]:
-        self.cursor, self.turns, self.undo_stack = self.gen.start(), [], []
-        yield Notice("a fresh conversation (settings kept)")
+        self.cursor, self.turns, self.undo_stack = self.start_cursor.copy(), [], []
+        yield Notice("a fresh conversation (settings kept)" + (", after the context" if self.primer else ""))
 
     def cmd_undo(self, arg: str) -> Iterator[Event]:
         if not self.undo_stack:
@@ -346,7 +352,7 @@ class ChatSession:
             return
         path = Path(arg.strip()).expanduser()
         try:
-            path.write_text(self.context(), encoding="utf-8")
+            path.write_text(self.primer + self.context(), encoding="utf-8")  # as read: --context-file resumes it
         except OSError as exc:
             yield Problem(f"cannot write {path}: {exc.strerror}")
             return

@@ -321,10 +321,8 @@ def sample(checkpoint: str, prompt: str, prompt_file: str | None, length: int, t
     gen = Generator.load(checkpoint, device=str(resolve_device(device)))
     from .chat import unescape
 
-    prompt = unescape(prompt) if prompt_file is None else _read_prompt_file(prompt_file)
-    unknown = gen.unknown_characters(prompt)
-    if 0 < unknown < len(prompt):  # all unknown is an error, raised when sampling starts
-        console.warn(f"{unknown} character(s) of the prompt are not in the model's vocabulary; read as <unk>")
+    prompt = unescape(prompt) if prompt_file is None else _read_text_file(prompt_file)
+    _warn_unknown(gen, prompt, "the prompt")
     temperatures = temperature or (0.8,)
     from .generate import LABELLED_END
 
@@ -357,13 +355,25 @@ def sample(checkpoint: str, prompt: str, prompt_file: str | None, length: int, t
 
 
 # ----------------------------------------------------------------------------------------------- eval
-def _read_prompt_file(path: str) -> str:
-    """The text of a prompt file (``-``: stdin), exactly as it is; bad or empty input is an InputError."""
+def _warn_unknown(gen: Any, text: str, what: str) -> None:
+    """Warn of characters the model will read as <unk> (all of them unknown is an error, raised when read)."""
+    from . import console
+
+    unknown = gen.unknown_characters(text)
+    if 0 < unknown < len(text):
+        console.warn(f"{unknown} character(s) of {what} are not in the model's vocabulary; read as <unk>")
+
+
+def _read_text_file(path: str, what: str = "prompt file", stdin: bool = True) -> str:
+    """The text of a file (``-``: stdin, where ``stdin`` allows), exactly as it is; bad or empty input is an
+    InputError."""
     from .corpora import check_readable_file, iter_file_text
     from .errors import InputError
 
+    if path == "-" and not stdin:
+        raise InputError(f"the {what} cannot come from stdin, which carries the conversation; pass a file")
     if path != "-":
-        return "".join(iter_file_text(check_readable_file(path, "prompt file")))
+        return "".join(iter_file_text(check_readable_file(path, what)))
     try:
         text = sys.stdin.buffer.read().decode("utf-8-sig")
     except UnicodeDecodeError as exc:
@@ -506,7 +516,8 @@ CHAT_EXAMPLES = (
     "rnngen chat checkpoints/mine                           # type a line, the model continues it\n"
     "rnngen chat checkpoints/shakespeare --user-prefix 'ROMEO:' --bot-prefix 'JULIET:' --stop '\\n\\n'\n"
     "rnngen chat checkpoints/mine -t 0.5 --top-p 0.9 --length 200 --seed 1\n"
-    "printf 'It was\\n/temp 0.3\\nAnd then\\n' | rnngen chat checkpoints/mine   # scripted: plain text out")
+    "printf 'It was\\n/temp 0.3\\nAnd then\\n' | rnngen chat checkpoints/mine   # scripted: plain text out\n"
+    "rnngen chat checkpoints/shakespeare --context-file scene.txt   # read a scene (or a /save file) first")
 
 
 @main.command(epilog="Examples:\n\n\b\n" + CHAT_EXAMPLES)
@@ -521,9 +532,13 @@ CHAT_EXAMPLES = (
 @click.option("--user-prefix", default="", help="Put before each of your lines, e.g. 'ROMEO:' (\\n allowed).")
 @click.option("--bot-prefix", default="", help="Put before each reply, e.g. 'JULIET:' (\\n allowed).")
 @click.option("--seed", type=int, help="Same seed and same lines, same conversation.")
+@click.option("--context-file", type=click.Path(dir_okay=False),
+              help="Text the model reads before the conversation, as it is (a scene, earlier dialogue, a file "
+                   "written by /save); /reset comes back to it.")
 @click.option("--device", default="cpu", show_default=True)
 def chat(checkpoint: str, length: int, temperature: float, top_k: int | None, top_p: float | None,
-         stop: tuple[str, ...], user_prefix: str, bot_prefix: str, seed: int | None, device: str) -> None:
+         stop: tuple[str, ...], user_prefix: str, bot_prefix: str, seed: int | None, context_file: str | None,
+         device: str) -> None:
     """Talk with a model from CHECKPOINT: each line you type joins the conversation and the model replies.
 
     The recurrent state is carried from turn to turn, so a turn costs only its new tokens. With a bot
@@ -540,8 +555,13 @@ def chat(checkpoint: str, length: int, temperature: float, top_k: int | None, to
 
     stops = tuple(unescape(s) for s in stop) if stop else DEFAULT_STOP
     config = SampleConfig(temperature, top_k, top_p, False, length, stops, seed)
+    from . import console
+
+    primer = _read_text_file(context_file, "context file", stdin=False) if context_file else ""
     gen = Generator.load(checkpoint, device=str(resolve_device(device)))
-    session = ChatSession(gen, config, unescape(user_prefix), unescape(bot_prefix))
+    _warn_unknown(gen, primer, "the context")
+    with console.reading("reading the context", shown=len(primer) > LONG_PROMPT_CHARS) as progress:
+        session = ChatSession(gen, config, unescape(user_prefix), unescape(bot_prefix), primer, progress)
     if sys.stdin.isatty() and sys.stdout.isatty():
         _chat_terminal(session)
     else:

@@ -321,6 +321,30 @@ def test_state_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------- the command
+def test_context_is_read_first_and_resumes_a_saved_conversation(gen: Generator, tmp_path: Path) -> None:
+    """A primer (--context-file) is read before the first turn; /reset comes back to it, and a conversation
+    written by /save, given as the context of a new session, carries on from the state it ended in."""
+    primer = "a: the scene\n\nb:\nis set\n\n"
+    session = ChatSession(gen, config(length=30), user_prefix="a:", bot_prefix="b:\n", primer=primer)
+    start = copy(session.cursor)
+    expected = gen.start(primer)
+    assert all(torch.equal(a, b) for a, b in zip(start[0], expected.state)) and torch.equal(start[1], expected.logits)
+    first = [reply(session, text) for text in ("hi there", "what now")]
+    out = tmp_path / "talk.txt"
+    events(session, f"/save {out}")
+    assert out.read_text(encoding="utf-8") == primer + session.context()
+    resumed = ChatSession(gen, config(length=30, greedy=True), user_prefix="a:", bot_prefix="b:\n",
+                          primer=out.read_text(encoding="utf-8"))
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(resumed.cursor.state, session.cursor.state))
+    session.config = replace(session.config, greedy=True)
+    assert reply(resumed, "and then") == reply(session, "and then")  # the same place, the same greedy reply
+    assert [type(e) for e in events(session, "/reset")] == [Notice]
+    assert_same(session.cursor, start)
+    session.config = replace(session.config, greedy=False)
+    session.rng.manual_seed(0)
+    assert reply(session, "hi there") == first[0]  # after /reset: where the first turn started
+
+
 def test_piped_input_gives_plain_text(checkpoint: Path, gen: Generator) -> None:
     lines = ["hello", "/temp abc", "/len 12", "//x", '"""', "two", "lines", '"""', "/quit", "never sent"]
     proc = run_cli("chat", str(checkpoint), "--seed", "4", "--length", "20", "--stop", "zz",
@@ -345,6 +369,13 @@ def test_bad_options_one_line(checkpoint: Path, tmp_path: Path) -> None:
         assert proc.returncode == 2 and "Traceback" not in proc.stderr and len(proc.stderr.splitlines()) == 1, args
     proc = run_cli("chat", str(tmp_path / "missing"), input="", timeout=60)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    for context, phrase in ((tmp_path / "none.txt", "context file not found"), ("-", "cannot come from stdin")):
+        proc = run_cli("chat", str(checkpoint), "--context-file", str(context), input="", timeout=60)
+        assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1 and phrase in proc.stderr, proc.stderr
+    (tmp_path / "scene.txt").write_text("the scene\n\n", encoding="utf-8")
+    proc = run_cli("chat", str(checkpoint), "--context-file", str(tmp_path / "scene.txt"), "--seed", "1",
+                   input="hello\n/save " + str(tmp_path / "out.txt") + "\n", timeout=60)
+    assert proc.returncode == 0 and (tmp_path / "out.txt").read_text().startswith("the scene\n\nhello")
 
 
 ANSI = re.compile(r"\x1b\[[0-9;?<>=]*[ -/]*[@-~]|\x1b[()][A-Za-z0-9]|\x1b[=>78]|[\r\b]")
