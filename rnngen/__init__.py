@@ -32,4 +32,19 @@ def train(corpus: list[str] | None = None, out: str = "checkpoints/run", **optio
     return train_from_options(corpus or [], out, **options)
 
 
-__all__ = ["__version__", "load", "train"]
+def train_classifier(data: list[str], out: str = "checkpoints/classifier", base: str | None = None,
+                     **options: Any) -> Any:
+    """Train a classifier on labelled data (CSV/TSV/JSONL files, or folders; see ``rnngen classify train``),
+    from scratch or fine-tuning the language model in ``base``.
+
+    ``options`` are the fields of ClassifyConfig (``max_epochs``, ``lm_weight``, ``lm_vote``, ...), of
+    ModelConfig (``hidden``, ...), the tokenizer's (``tokenizer``, ``vocab_size``), the reader's
+    (``text_columns``, ``label_column``, ``header``, ``fmt``, ``encoding``, ``skip_bad_rows``),
+    ``bidirectional`` and ``resume``. Returns a ClassifyResult.
+    """
+    from .classify import train_classifier_from_options
+
+    return train_classifier_from_options(data, out, base=base, **options)
+
+
+__all__ = ["__version__", "load", "train", "train_classifier"]

@@ -196,6 +196,10 @@ class ChatSession:
         """A copy of the current cursor (the recurrent state and the next-token logits)."""
         return self.cursor.copy()
 
+    def say(self, line: str) -> str:
+        """The model's reply to ``line`` (a line of the conversation, never a command), as one string."""
+        return "".join(e.text for e in self.turn(line) if isinstance(e, Reply))
+
     def handle(self, text: str) -> Iterator[Event]:
         """Events answering one input: a slash command, or a line of the conversation."""
         if text.startswith("/") and not text.startswith("//") and "\n" not in text:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,15 +24,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import (BEST, LAST, append_metrics, load_checkpoint, load_trainer_state, save_checkpoint)
+from .checkpoint import BEST, LAST, append_metrics, load_checkpoint, load_trainer_state, run_lock, save_checkpoint
 from .config import ModelConfig, from_dict, require, to_dict
 from .data import mixed_seed
 from .errors import InputError
 from .labelled import LabelledData, read_labelled, stratified_split
 from .model import ClassifierHead, RNNModel
 from .tokenizers import Tokenizer, fit_tokenizer
-from .train import (LN2, TrainEvent, WeightAverage, averaged, optimizer_from_saved, optimizer_to_saved, autocast,
-                    has_run, lr_at, resolve_device, use_bf16)
+from .train import (LN2, MODEL_FIELDS, TOKENIZER_FIELDS, TrainEvent, WeightAverage, autocast, averaged, has_run,
+                    lr_at, optimizer_from_saved, optimizer_to_saved, resolve_device, use_bf16)
 
 
 @dataclass(frozen=True)
@@ -597,6 +597,27 @@ def prepare_classifier(data_paths: Sequence[str], out: str | Path, base: str | N
                                 "examples": len(data)}}}
     return ClassifierTrainer(model, tokenizer, train_enc, val_enc, config, run_dir, meta, device,
                              fine_tune=bool(base), callback=callback, stop=stop)
+
+
+READ_OPTIONS = ("fmt", "text_columns", "label_column", "header", "encoding", "skip_bad_rows")  # of read_labelled
+
+
+def train_classifier_from_options(data_paths: Sequence[str], out: str | Path, base: str | None = None,
+                                  resume: bool = False, bidirectional: bool = False, **options: Any) -> ClassifyResult:
+    """Python API entry point: ``options`` are ClassifyConfig's fields and the model's, tokenizer's and
+    reader's options (``hidden``, ``tokenizer``, ``text_columns``, ...), sorted out here; trains to the end."""
+    def pick(names: Collection[str]) -> dict[str, Any]:
+        return {k: options.pop(k) for k in list(options) if k in names}
+
+    model_options, tokenizer_options, read_options = pick(MODEL_FIELDS), pick(TOKENIZER_FIELDS), pick(READ_OPTIONS)
+    unknown = set(options) - set(ClassifyConfig.__dataclass_fields__)
+    if unknown:
+        raise InputError(f"unknown classifier option(s): {', '.join(sorted(unknown))}")
+    trainer = prepare_classifier(data_paths, out, base=base, resume=resume, bidirectional=bidirectional,
+                                 model_options=model_options, tokenizer_options=tokenizer_options,
+                                 read_options=read_options, **options)
+    with run_lock(trainer.run_dir):
+        return trainer.run()
 
 
 def _prepare_resume(run_dir: Path, data_paths: Sequence[str], overrides: dict[str, Any],

@@ -7,7 +7,7 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -18,6 +18,9 @@ from .errors import InputError
 from .fastpath import GraphSampler, Stepper
 from .model import RNNModel, State
 from .tokenizers import Tokenizer
+
+if TYPE_CHECKING:
+    from .chat import ChatSession
 
 BLOCK = 32  # tokens per CUDA-graph replay or call of the compiled CPU step (shorter runs step eagerly)
 FEED_WINDOW = 4096  # tokens of a prompt read per model call
@@ -435,6 +438,16 @@ class Generator:
         stop = tuple(stop) or (LABELLED_END if label is not None else ())
         config = SampleConfig(temperature, top_k, top_p, greedy, length, stop, seed)
         return self.continue_many(self.start(prompt, label, guidance), n, config)
+
+    def chat(self, user_prefix: str = "", bot_prefix: str = "", context: str = "", temperature: float = 0.8,
+             top_k: int | None = None, top_p: float | None = None, length: int = 300,
+             stop: Sequence[str] = ("\n\n",), seed: int | None = None) -> ChatSession:
+        """A conversation whose recurrent state is carried from turn to turn (see ``rnngen.chat``): its
+        ``say(line)`` returns the reply; ``context`` is read before the first turn."""
+        from .chat import ChatSession
+
+        config = SampleConfig(temperature, top_k, top_p, False, length, tuple(stop), seed)
+        return ChatSession(self, config, user_prefix, bot_prefix, context)
 
     def classify(self, texts: Sequence[str] | str, top: int | None = None,
                  lm_vote: float | None = None) -> list[dict[str, Any]]:

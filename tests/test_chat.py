@@ -345,6 +345,15 @@ def test_context_is_read_first_and_resumes_a_saved_conversation(gen: Generator, 
     assert reply(session, "hi there") == first[0]  # after /reset: where the first turn started
 
 
+def test_python_api_chat(gen: Generator) -> None:
+    """Generator.chat: a session whose say() returns each reply, as the CLI's session writes it."""
+    session = gen.chat(user_prefix="a:", bot_prefix="b:\n", context="the scene\n", length=30, seed=3)
+    same = ChatSession(gen, SampleConfig(length=30, stop=("\n\n",), seed=3), "a:", "b:\n", "the scene\n")
+    for line in ("hi there", "what now"):
+        assert session.say(line) == reply(same, line)
+    assert [t.user for t in session.turns] == ["hi there", "what now"]
+
+
 def test_piped_input_gives_plain_text(checkpoint: Path, gen: Generator) -> None:
     lines = ["hello", "/temp abc", "/len 12", "//x", '"""', "two", "lines", '"""', "/quit", "never sent"]
     proc = run_cli("chat", str(checkpoint), "--seed", "4", "--length", "20", "--stop", "zz",

@@ -18,6 +18,7 @@ from rnngen.checkpoint import load_checkpoint
 from rnngen.classify import (VOTE_GRID, classification_metrics, drop_tokens, encode_texts, label_log_likelihoods,
                              length_batches, pad, predict_logits, prepare_classifier)
 from rnngen.config import ModelConfig
+from rnngen.errors import InputError
 from rnngen.train import WeightAverage
 from rnngen.model import ClassifierHead, RNNModel
 from rnngen.tokenizers import CharTokenizer
@@ -105,10 +106,13 @@ def test_learns_an_order_dependent_task_a_bag_of_characters_cannot(order_csv: Pa
     # character counts gives both the same answer: at most 50% accuracy.
     for (neg, _), (pos, _) in zip(rows[0::2], rows[1::2]):
         assert sorted(neg) == sorted(pos) and neg != pos
-    trainer = prepare_classifier([str(order_csv)], tmp_path / "run", model_options={"hidden": 32, "emb_dim": 16,
-                                 "layers": 1}, max_epochs=6, lr=5e-3, device="cpu", lm_weight=0.0)
-    result = trainer.run()
+    # Through the Python API, which sorts the options out for the model, the reader and the trainer.
+    result = rnngen.train_classifier([str(order_csv)], str(tmp_path / "run"), hidden=32, emb_dim=16, layers=1,
+                                     max_epochs=6, lr=5e-3, device="cpu", lm_weight=0.0, text_columns=["text"])
     assert result.best_val["accuracy"] >= 0.95
+    assert load_checkpoint(tmp_path / "run")[0].config.hidden == 32
+    with pytest.raises(InputError, match="unknown classifier option.*max_epoch"):
+        rnngen.train_classifier([str(order_csv)], str(tmp_path / "other"), max_epoch=6)
     texts = ["good it was not so", "it was not good"]
     labels = [r["label"] for r in rnngen.load(str(tmp_path / "run")).classify(texts)]
     assert labels == ["positive", "negative"]
