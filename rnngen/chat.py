@@ -14,12 +14,14 @@ import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any, TypeVar
 
 from .config import SampleConfig
 from .errors import InputError
 from .generate import Cursor, Generator, StopScanner, make_generator
 
 DEFAULT_STOP = ("\n\n",)
+N = TypeVar("N", int, float)
 
 
 # ---------------------------------------------------------------------------------------------- events
@@ -252,7 +254,7 @@ class ChatSession:
             self.cursor = last_good
             raise
         finally:
-            pieces.close()
+            pieces.close()  # type: ignore[attr-defined]  # a generator, typed as an Iterator
             self.turns.append(Turn(line, fed, "".join(shown), "".join(generated), ended))
         yield TurnEnd(ended)
 
@@ -268,7 +270,7 @@ class ChatSession:
         except InputError as exc:  # a value SampleConfig (or a command) refused: nothing was changed
             yield Problem(str(exc))
 
-    def _set(self, **changes: object) -> None:
+    def _set(self, **changes: Any) -> None:
         self.config = replace(self.config, **changes)
 
     def cmd_temp(self, arg: str) -> Iterator[Event]:
@@ -390,7 +392,7 @@ COMMANDS = {
 }
 
 
-def _number(arg: str, kind: type[int] | type[float], usage: str) -> int | float:
+def _number(arg: str, kind: type[N], usage: str) -> N:
     value = arg.strip()
     try:
         return kind(value)

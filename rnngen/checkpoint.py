@@ -92,7 +92,7 @@ def save_checkpoint(directory: Path, model: RNNModel, tokenizer: Tokenizer, meta
     config = {"format": FORMAT, "format_version": FORMAT_VERSION, "rnngen_version": __version__,
               "model": to_dict(model.config), **meta}
     if len(model.heads):
-        config["heads"] = {name: head.spec() for name, head in model.heads.items()}
+        config["heads"] = {name: head.spec() for name, head in model.heads.items()}  # type: ignore[operator]
     weights = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
 
     def write(tmp: Path) -> None:

@@ -162,12 +162,12 @@ def length_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: in
     """
     rng = np.random.default_rng(mixed_seed(seed, epoch))
     order = rng.permutation(len(lengths))
-    lengths = np.asarray(lengths)
+    sizes = np.asarray(lengths)
     pool = batch_size * 50
     batches = []
     for start in range(0, len(order), pool):
         chunk = order[start: start + pool]
-        chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
+        chunk = chunk[np.argsort(sizes[chunk], kind="stable")]
         batches += [chunk[i: i + batch_size] for i in range(0, len(chunk), batch_size)]
     return [batches[i] for i in rng.permutation(len(batches))]
 

@@ -50,7 +50,7 @@ class RnngenGroup(click.Group):
     def main(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
         debug = "--debug" in sys.argv[1:] or os.environ.get("RNNGEN_DEBUG") == "1"
         try:
-            return super().main(*args, standalone_mode=False, **kwargs)
+            return super().main(*args, standalone_mode=False, **kwargs)  # type: ignore[call-overload]
         except click.exceptions.Exit as exc:
             sys.exit(exc.exit_code)
         except click.Abort:
@@ -606,7 +606,7 @@ def _chat_terminal(session: Any) -> None:
     def _newline(event: Any) -> None:  # Esc then Enter (or Alt+Enter): a newline inside the input
         event.current_buffer.insert_text("\n")
 
-    prompt = PromptSession(history=history, key_bindings=bindings)
+    prompt: PromptSession[str] = PromptSession(history=history, key_bindings=bindings)
     label = (session.user_prefix.strip() or ">") + " "
     joiner = MultiLine()
     console.note(f"chatting with {session.gen.directory}: /help for commands, Ctrl-C stops a reply, Ctrl-D leaves")
@@ -792,7 +792,9 @@ def classify_train(data: tuple[str, ...], base: str | None, out: str | None, res
         if t.get("unknown_characters") and base:
             console.warn(f"{t['unknown_characters']} character(s) of the data are not in {base}'s vocabulary; "
                          "read as <unk>")
-    classes = trainer.model.classifier.classes
+    head = trainer.model.classifier
+    assert head is not None  # a classifier run always has its head
+    classes = head.classes
     headline = (f"{'resuming at step ' + str(trainer.pos.step) if resume else 'training'} a classifier on "
                 f"{t.get('data')}: {len(classes)} classes, {len(trainer.train):,} training / {len(trainer.val):,} "
                 f"validation texts ({t.get('duplicates_removed', 0):,} duplicates removed), "

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import torch
 import torch.distributed as tdist
@@ -111,7 +111,7 @@ class Dist:
             raise error
         if failure is not None:
             raise _rebuild(failure)
-        return result
+        return cast(T, result)  # rank 0's result: it did not fail
 
     def agree(self, fn: Callable[[], T]) -> T:
         """``fn()`` on every rank; if it fails on any, every rank raises, so that none is left waiting."""
@@ -125,7 +125,7 @@ class Dist:
         failure = next((f for f in failures if f is not None), None)
         if failure is not None:
             raise _rebuild(failure)
-        return result
+        return cast(T, result)  # no rank failed
 
     @contextmanager
     def on_main(self, context: AbstractContextManager[Any]) -> Iterator[None]:

@@ -20,6 +20,7 @@ the device, in one CUDA graph: a block of tokens costs one graph replay and one 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 
@@ -114,7 +115,7 @@ class Streams:
         s, B, H, L = stepper, batch_size, stepper.hidden, stepper.layers
         self.stepper, self.batch_size = s, B
         G = GATES[s.arch]
-        options = {"device": s.device, "dtype": s.dtype}
+        options: dict[str, Any] = {"device": s.device, "dtype": s.dtype}
         self.hs = torch.zeros(B, L * H, **options)  # [h_0 | h_1 | ... ]: every layer's input is a slice
         self.cs = torch.zeros(L, B, H, **options) if s.arch == "lstm" else None
         if state is not None:
@@ -169,7 +170,7 @@ class Streams:
                 torch.addmm(b, self.pairs[layer - 1], w, out=g)
                 self._lstm_cell(layer)
         elif s.arch == "gru":
-            self._gru_cell(0, s.w_hh0, s.b_hh0)
+            self._gru_cell(0, s.w_hh0, s.b_hh0)  # type: ignore[arg-type]  # a GRU's Stepper has b_hh0
             for layer, (w_ih, b_ih, w_hh, b_hh) in enumerate(s.upper, 1):
                 torch.addmm(b_ih, self.h[layer - 1], w_ih, out=g)
                 self._gru_cell(layer, w_hh, b_hh)

@@ -315,15 +315,15 @@ class Generator:
         sampler = self._block_sampler(key, state, logits) if long_run else None
         if sampler is not None:
             try:
-                for ids, states, all_logits in sampler.blocks(generator, config.length):
+                for block_ids, states, all_logits in sampler.blocks(generator, config.length):
                     if track:  # views of each position, made in a few calls (indexing each costs a microsecond)
                         per_position = (*(s.unbind(0) for s in states), all_logits.unbind(0))  # type: ignore
                         positions = list(zip(*per_position))
-                    for k in range(len(ids)):
+                    for k in range(len(block_ids)):
                         if track:
                             *cursor_state, cursor.logits = positions[k]
                             cursor.state = tuple(cursor_state)
-                        yield ids[k]
+                        yield block_ids[k]
             finally:  # back in the cache (taken out while in use: an interleaved run captures its own)
                 if isinstance(sampler, GraphSampler):
                     self._graphs[key] = sampler
@@ -343,7 +343,7 @@ class Generator:
                 else:
                     logits = streams.advance(fed)
                     state = streams.state() if track else state
-                ids = tokens.tolist()
+                ids: list[int] = tokens.tolist()
             if track and free is not None:
                 cursor.state, cursor.logits = tuple(s[:, :1] for s in state), logits[:1]
                 free.state, free.logits = tuple(s[:, 1:] for s in state), logits[1:]
@@ -395,13 +395,13 @@ class Generator:
             sampler.reset(state, logits)
             return sampler
         config = SampleConfig(temperature=key[2], top_k=key[3], top_p=key[4], greedy=key[1])
-        steps = [self._model_step]  # the model's own step: cuDNN, the plain path's numbers in fewer kernels
+        steps: list[Callable[..., Any]] = [self._model_step]  # the model's own step: cuDNN, the plain path's numbers in fewer kernels
         if key[0] == 1 and self.use_triton and self.triton_error is None:
             if self._triton_step is None:
                 from .triton_step import triton_step  # imports Triton: only here, where it may be used
 
                 self._triton_step = triton_step(self.stepper()) or False
-            steps = [self._triton_step, *steps] if self._triton_step else steps
+            steps = [self._triton_step, *steps] if callable(self._triton_step) else steps
         for step in steps:
             try:
                 return GraphSampler(step, state, logits, lambda lg, gumbel: pick_tokens(lg, config, None, gumbel),

@@ -9,6 +9,7 @@ The recurrent state is a tuple of tensors, ``(h,)`` for GRU/RNN and ``(h, c)`` f
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -22,7 +23,7 @@ from .errors import CheckpointError
 
 State = tuple[torch.Tensor, ...]
 
-_RNNS: dict[str, type[nn.RNNBase]] = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
+_RNNS: dict[str, Callable[..., nn.RNNBase]] = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
 
 
 class Encoder(nn.Module):

@@ -122,7 +122,7 @@ def evaluate(model: RNNModel, tokens: np.ndarray, char_lengths: np.ndarray, devi
     dist = dist or Dist()
     was_training = model.training
     model.eval()
-    total_nats, total_tokens, total_chars = 0.0, 0, 0
+    total_nats, total_tokens, total_chars = 0.0, 0.0, 0.0
     state: State | None = None
     lengths = torch.from_numpy(char_lengths)
     for x, y in eval_windows(tokens, seq_len, max_tokens=max_tokens, rank=dist.rank, world_size=dist.world_size):
@@ -141,7 +141,8 @@ def evaluate(model: RNNModel, tokens: np.ndarray, char_lengths: np.ndarray, devi
 
 def make_optimizer(model: RNNModel, config: TrainConfig, device: torch.device) -> torch.optim.AdamW:
     """AdamW; biases, norms and embeddings are not decayed."""
-    decay, no_decay = [], []
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
     for name, param in model.named_parameters():
         (no_decay if param.ndim < 2 or "embedding" in name else decay).append(param)
     groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
