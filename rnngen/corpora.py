@@ -196,8 +196,22 @@ def _join_zip_members(data: bytes, pattern: str, name: str) -> bytes:
         raise InputError(f"the download of {name} is not a valid zip archive; try again or pass a text file") from None
 
 
+def folder_files(root: Path) -> list[Path]:
+    """The non-empty files in ``root`` and its sub-folders, in path order; hidden files and folders are skipped."""
+    try:
+        found = sorted(p for p in root.rglob("*")
+                       if not any(part.startswith(".") for part in p.relative_to(root).parts) and p.is_file())
+    except OSError as exc:
+        raise InputError(f"cannot read the folder {root}: {exc.strerror}") from None
+    found = [p for p in found if p.stat().st_size > 0]
+    if not found:
+        raise InputError(f"the folder {root} holds no files with text in them; pass text files, or a folder of them")
+    return [check_readable_file(p, "corpus file") for p in found]
+
+
 def resolve_corpus(sources: Sequence[str], encoding: str = "utf-8", errors: str = "strict") -> Corpus:
-    """Turn CLI arguments into a Corpus: files, a named data set, or the built-in corpus when empty."""
+    """Turn CLI arguments into a Corpus: files, folders (see ``folder_files``), a named data set, or the built-in
+    corpus when empty."""
     if errors not in ("strict", "replace", "ignore"):
         raise InputError(f"--errors must be strict, replace or ignore, not {errors!r}")
     try:
@@ -213,6 +227,10 @@ def resolve_corpus(sources: Sequence[str], encoding: str = "utf-8", errors: str 
         if not os.path.exists(source) and source in registry:
             paths.append(fetch_dataset(source, registry))
             names.append(source)
+        elif os.path.isdir(source):
+            found = folder_files(Path(source))
+            paths.extend(found)
+            names.append(f"{Path(source).resolve().name}/ ({len(found)} files)")
         else:
             paths.append(check_readable_file(source, "corpus file"))
             names.append(Path(source).name)

@@ -43,7 +43,8 @@ def test_bad_corpus_files(tmp_path: Path, name: str) -> None:
 
 def test_bad_paths(tmp_path: Path) -> None:
     assert_clean_error(run_cli("train", str(tmp_path / "nope.txt"), "--out", str(tmp_path / "r")), "not found")
-    assert_clean_error(run_cli("train", str(tmp_path), "--out", str(tmp_path / "r")), "is a directory")
+    (tmp_path / "empty").mkdir()
+    assert_clean_error(run_cli("train", str(tmp_path / "empty"), "--out", str(tmp_path / "r")), "holds no files")
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
     assert_clean_error(run_cli("train", str(fifo), "--out", str(tmp_path / "r")), "not a regular file")

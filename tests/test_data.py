@@ -80,6 +80,22 @@ def test_several_files_joined_with_newlines(tmp_path) -> None:
     assert corpus.read() == "first\nsecond\n"
 
 
+def test_a_folder_is_read_file_by_file_in_path_order(tmp_path) -> None:
+    """Every file in the folder and its sub-folders, sorted by path; hidden and empty ones skipped."""
+    root = tmp_path / "books"
+    (root / "b").mkdir(parents=True)
+    (root / ".git").mkdir()
+    for name, text in (("b/two.txt", "second"), ("a.txt", "first\n"), ("c.md", "third"), (".notes", "hidden"),
+                       (".git/config", "hidden too"), ("empty.txt", "")):
+        (root / name).write_text(text, encoding="utf-8")
+    corpus = resolve_corpus([str(root), str(root / "c.md")])
+    assert [p.name for p in corpus.paths] == ["a.txt", "two.txt", "c.md", "c.md"]
+    assert corpus.read() == "first\nsecond\nthird\nthird" and corpus.describe() == "books/ (3 files), c.md"
+    (root / "bin.dat").write_bytes(b"\x00\x01")
+    with pytest.raises(InputError, match="bin.dat contains NUL bytes"):
+        resolve_corpus([str(root)]).read()
+
+
 def test_builtin_corpus_is_prose() -> None:
     text = resolve_corpus([]).read()
     assert 300_000 < len(text) < 2_000_000 and "the" in text
