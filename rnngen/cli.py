@@ -182,7 +182,7 @@ def optimizer_options(command: Any) -> Any:
 @click.option("--json", "as_json", is_flag=True, help="Print the final metrics as one JSON object on stdout.")
 def train(corpus: tuple[str, ...], out: str | None, resume: bool, encoding: str, errors: str, quiet: bool,
           as_json: bool, **options: Any) -> None:
-    """Train a language model on CORPUS (text files, or a named data set: tinyshakespeare, names).
+    """Train a language model on CORPUS (text files, folders of them, or a named data set: tinyshakespeare, names).
 
     With no CORPUS it trains on a built-in corpus: the help pages of this Python installation.
     Writes best/ and last/ checkpoints and metrics.jsonl into --out. Ctrl-C stops after saving;
