@@ -303,9 +303,9 @@ def _default_out(corpus: tuple[str, ...], suffix: str = "") -> str:
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--json", "as_json", is_flag=True,
               help='Print the samples as one JSON list of {"temperature", "text"} (the text starts with the prompt).')
-def sample(checkpoint: str, prompt: str, prompt_file: str | None, length: int, temperature: tuple[float, ...], top_k: int | None,
-           top_p: float | None, greedy: bool, num_samples: int, stop: tuple[str, ...], seed: int | None,
-           label: str | None, guidance: float, device: str, as_json: bool) -> None:
+def sample(checkpoint: str, prompt: str, prompt_file: str | None, length: int, temperature: tuple[float, ...],
+           top_k: int | None, top_p: float | None, greedy: bool, num_samples: int, stop: tuple[str, ...],
+           seed: int | None, label: str | None, guidance: float, device: str, as_json: bool) -> None:
     """Generate text from a trained CHECKPOINT, streaming it to stdout.
 
     Several samples (--num-samples, or several -t) are printed one after another, a blank line apart,
@@ -354,7 +354,6 @@ def sample(checkpoint: str, prompt: str, prompt_file: str | None, length: int, t
             shown += 1
 
 
-# ----------------------------------------------------------------------------------------------- eval
 def _warn_unknown(gen: Any, text: str, what: str) -> None:
     """Warn of characters the model will read as <unk> (all of them unknown is an error, raised when read)."""
     from . import console
@@ -383,6 +382,7 @@ def _read_text_file(path: str, what: str = "prompt file", stdin: bool = True) ->
     return text
 
 
+# ----------------------------------------------------------------------------------------------- eval
 @main.command(name="eval")
 @click.argument("checkpoint", type=click.Path())
 @click.argument("file", type=click.Path())

@@ -1,4 +1,5 @@
-"""Batch-1 sampling of an LSTM, GRU or plain RNN on the CPU in compiled C: a block of steps and their sampling in one call.
+"""Batch-1 sampling of an LSTM, GRU or plain RNN on the CPU in compiled C: a block of steps and their sampling
+in one call.
 
 At batch 1 the torch step (``fastpath.Streams``) spends about half its time in the overhead of a dozen
 small operations per token, and torch's matrix-vector products read the weights at a fraction of the
@@ -115,8 +116,8 @@ def _pointers(tensors: list[torch.Tensor]) -> ctypes.Array:
 
 
 class NativeRNN:
-    """An LSTM's, GRU's or plain RNN's weights from a ``Stepper`` laid out for ``cpu_step.c`` (built once; the weights must
-    not change).
+    """An LSTM's, GRU's or plain RNN's weights from a ``Stepper`` laid out for ``cpu_step.c`` (built once; the
+    weights must not change).
 
     Hidden units are padded to a multiple of UNITS with zero weights, which keeps the padded units at 0.
     """

@@ -395,7 +395,8 @@ class Generator:
             sampler.reset(state, logits)
             return sampler
         config = SampleConfig(temperature=key[2], top_k=key[3], top_p=key[4], greedy=key[1])
-        steps: list[Callable[..., Any]] = [self._model_step]  # the model's own step: cuDNN, the plain path's numbers in fewer kernels
+        # The model's own step: cuDNN, the plain path's numbers in fewer kernels.
+        steps: list[Callable[..., Any]] = [self._model_step]
         if key[0] == 1 and self.use_triton and self.triton_error is None:
             if self._triton_step is None:
                 from .triton_step import triton_step  # imports Triton: only here, where it may be used
