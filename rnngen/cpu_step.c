@@ -1,4 +1,5 @@
-/* rnngen's batch-1 LSTM, GRU and plain RNN sampler for the CPU: a block of steps, each followed by its sampling, in one call.
+/* rnngen's batch-1 LSTM, GRU and plain RNN sampler for the CPU: a block of steps, each followed by its sampling,
+ * in one call.
  *
  * Built by rnngen/cpu_step.py with the machine's C compiler on first use (see that file for the layout of
  * the weights). Per step, every thread computes the gates of its own blocks of UB hidden units (so the cell

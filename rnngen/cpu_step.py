@@ -127,7 +127,7 @@ class NativeRNN:
         if s.dtype != torch.float32 or s.device.type != "cpu" or s.w_ih0 is not None:
             raise NativeUnavailable("the compiled step is for fp32 models on the CPU with a per-token input table")
         self.library = library()
-        self.arch, self.gru = s.arch, s.arch == "gru"
+        self.arch = s.arch
         self.layers, self.hidden, self.vocab_size = s.layers, s.hidden, s.vocab_size
         H = s.hidden
         HP = self.padded = -(-H // UNITS) * UNITS
@@ -141,7 +141,7 @@ class NativeRNN:
         self.table = blocks(s.table)
         in_panels: list[torch.Tensor] = []
         in_biases: list[torch.Tensor] = []
-        if self.gru:  # hidden-to-hidden and input weights apart: the reset gate multiplies h @ W_hn alone
+        if self.arch == "gru":  # hidden-to-hidden and input weights apart: the reset gate multiplies h @ W_hn alone
             self.panels = [panels(s.w_hh0, 1)] + [panels(w_hh, 1) for _, _, w_hh, _ in s.upper]
             self.biases = [blocks(s.b_hh0)] + [blocks(b_hh) for _, _, _, b_hh in s.upper]  # type: ignore[arg-type]
             in_panels = [panels(w_ih, 1) for w_ih, _, _, _ in s.upper]

@@ -442,12 +442,14 @@ class Generator:
 
     def chat(self, user_prefix: str = "", bot_prefix: str = "", context: str = "", temperature: float = 0.8,
              top_k: int | None = None, top_p: float | None = None, length: int = 300,
-             stop: Sequence[str] = ("\n\n",), seed: int | None = None) -> ChatSession:
+             stop: Sequence[str] | None = None, seed: int | None = None) -> ChatSession:
         """A conversation whose recurrent state is carried from turn to turn (see ``rnngen.chat``): its
-        ``say(line)`` returns the reply; ``context`` is read before the first turn."""
-        from .chat import ChatSession
+        ``say(line)`` returns the reply; ``context`` is read before the first turn; ``stop`` ends a reply
+        (by default a blank line, as in `rnngen chat`)."""
+        from .chat import DEFAULT_STOP, ChatSession
 
-        config = SampleConfig(temperature, top_k, top_p, False, length, tuple(stop), seed)
+        stops = DEFAULT_STOP if stop is None else tuple(stop)
+        config = SampleConfig(temperature, top_k, top_p, False, length, stops, seed)
         return ChatSession(self, config, user_prefix, bot_prefix, context)
 
     def classify(self, texts: Sequence[str] | str, top: int | None = None,
