@@ -20,8 +20,10 @@ def load(path: str, device: str = "cpu") -> Generator:
     return Generator.load(path, device=device)
 
 
-def train(corpus: list[str] | None = None, out: str = "checkpoints/run", **options: Any) -> Any:
-    """Train a language model on text files (the built-in corpus when ``corpus`` is empty).
+def train(corpus: list[str] | None = None, out: str = "checkpoints/run", base: str | None = None,
+          **options: Any) -> Any:
+    """Train a language model on text files (the built-in corpus when ``corpus`` is empty), from scratch
+    or fine-tuning the trained model in ``base`` (``rnngen train --from``).
 
     ``options`` are the fields of ModelConfig and TrainConfig (e.g. ``hidden=256, max_steps=500``) and
     ``tokenizer``, ``vocab_size``, ``min_char_count``, ``encoding``, ``errors``, ``resume``.
@@ -29,7 +31,7 @@ def train(corpus: list[str] | None = None, out: str = "checkpoints/run", **optio
     """
     from .train import train_from_options
 
-    return train_from_options(corpus or [], out, **options)
+    return train_from_options(corpus or [], out, base=base, **options)
 
 
 def train_classifier(data: list[str], out: str = "checkpoints/classifier", base: str | None = None,

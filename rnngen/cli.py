@@ -21,6 +21,7 @@ EXAMPLES = {
              "rnngen train corpus.txt --out checkpoints/mine --max-time 600\n"
              "rnngen train tinyshakespeare --hidden 512 --layers 3     # fetched once, then cached\n"
              "rnngen train book.txt --tokenizer bpe --vocab-size 2000\n"
+             "rnngen train lyrics.txt --from checkpoints/big --max-steps 500   # fine-tune a trained model\n"
              "rnngen train --resume --out checkpoints/mine             # continue exactly where it stopped",
     "sample": "rnngen sample checkpoints/mine --prompt 'ROMEO:' --length 300\n"
               "rnngen sample checkpoints/mine -t 0.5 -t 1.0 --seed 7   # one sample per temperature\n"
@@ -152,6 +153,9 @@ def optimizer_options(command: Any) -> Any:
 @click.argument("corpus", nargs=-1)
 @click.option("--out", "-o", type=click.Path(file_okay=False), help="Run directory [default: checkpoints/NAME].")
 @click.option("--resume", is_flag=True, help="Continue the run in --out exactly where it stopped.")
+@click.option("--from", "base", type=click.Path(),
+              help="Fine-tune this trained model on CORPUS (its network and vocabulary; new characters are "
+                   "added) instead of starting from scratch.")
 @model_options
 @click.option("--batch-size", "-b", type=int, help="Sequences per batch [default: 64].")
 @click.option("--seq-len", type=int, help="Tokens per backpropagation window [default: 128].")
@@ -180,8 +184,8 @@ def optimizer_options(command: Any) -> Any:
                    "[default: 200; 0 with --quiet or --json].")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or sample.")
 @click.option("--json", "as_json", is_flag=True, help="Print the final metrics as one JSON object on stdout.")
-def train(corpus: tuple[str, ...], out: str | None, resume: bool, encoding: str, errors: str, quiet: bool,
-          as_json: bool, **options: Any) -> None:
+def train(corpus: tuple[str, ...], out: str | None, resume: bool, base: str | None, encoding: str, errors: str,
+          quiet: bool, as_json: bool, **options: Any) -> None:
     """Train a language model on CORPUS (text files, folders of them, or a named data set: tinyshakespeare, names).
 
     With no CORPUS it trains on a built-in corpus: the help pages of this Python installation.
@@ -205,8 +209,11 @@ def train(corpus: tuple[str, ...], out: str | None, resume: bool, encoding: str,
             options["sample_length"] = 0 if quiet or as_json else SAMPLE_LENGTH
         progress = console.TrainProgress(enabled=not (quiet or as_json))
         trainer = prepare_run(list(corpus), out, resume=resume, encoding=encoding, errors=errors,
-                              callback=progress.update if dist.is_main else None, stop=stop, dist=dist, **options)
+                              callback=progress.update if dist.is_main else None, stop=stop, dist=dist, base=base,
+                              **options)
         what = trainer.meta.get("training", {}).get("corpus", "")
+        if base and not quiet:
+            _note_fine_tune(trainer.meta["training"], base)
         processes = f" x {dist.world_size} processes" if dist.enabled else ""
         headline = (f"{'resuming at step ' + str(trainer.pos.step) if resume else 'training'} on {what}: "
                     f"{trainer.model.num_parameters():,} parameters, {len(trainer.split.tokens):,} tokens, "
@@ -233,6 +240,19 @@ def train(corpus: tuple[str, ...], out: str | None, resume: bool, encoding: str,
         for piece in Generator.load(out).generate(length=300, temperature=0.8, seed=0):
             console.stream(piece)
         console.stream("\n")
+
+
+def _note_fine_tune(training: dict[str, Any], base: str) -> None:
+    """What fine-tuning did to the base's vocabulary, and what it could not read."""
+    from . import console
+
+    if training.get("added_characters"):
+        added = training["added_characters"]
+        console.note(f"{len(added)} character(s) new to {base} added to its vocabulary: {added[:40]!r}"
+                     f"{'...' if len(added) > 40 else ''}")
+    if training.get("unknown_tokens"):
+        console.warn(f"{training['unknown_tokens']:,} character(s) of the corpus, rarer than --min-char-count, "
+                     "are read as <unk>")
 
 
 def _run_trainer(trainer: Any, progress: Any, stop: Any, headline: str | None, dist: Any = None) -> Any:
@@ -449,7 +469,8 @@ def info(checkpoint: str, as_json: bool) -> None:
         "tokenizer": f"{tok.kind}, {tok.vocab_size} symbols",
         "vocabulary": repr(vocab_preview) if tok.kind == "char" else "(subwords)",
         **({"classes": f"{len(classifier.classes)}: {', '.join(classifier.classes)}"} if classifier else {}),
-        "corpus": t.get("corpus") or t.get("data") or "-", "steps": t.get("step"),
+        "corpus": t.get("corpus") or t.get("data") or "-",
+        **({"fine-tuned from": t["base"]} if t.get("base") else {}), "steps": t.get("step"),
         "training time": f"{t.get('seconds', 0):.0f} s", "best step": t.get("best_step"),
         "best validation": best_text, "written by": f"rnngen {config.get('rnngen_version', '?')}"}))
     if metrics:

@@ -160,26 +160,39 @@ class RNNModel(nn.Module):
         hidden, last = self.encoder.forward_padded(tokens, lengths)
         return self.classifier(hidden, last, lengths)
 
+    def adapted(self, config: ModelConfig) -> RNNModel:
+        """A copy with ``config``: other dropout rates, symbols appended to the tokenizer's, label tokens
+        added or removed. Every kept symbol keeps its embedding and LM-head rows; new rows start fresh;
+        the heads are carried over."""
+        c = self.config
+        require_same = ("arch", "emb_dim", "hidden", "layers", "tie_weights", "bidirectional")
+        assert all(getattr(c, k) == getattr(config, k) for k in require_same), "only the vocabulary may grow"
+        assert config.text_vocab_size >= c.text_vocab_size
+        kept = [(i, i) for i in range(c.text_vocab_size)]
+        kept += [(c.label_id(label), config.label_id(label)) for label in c.label_tokens
+                 if label in config.label_tokens]
+        old_rows, new_rows = (torch.tensor(rows) for rows in zip(*kept))
+        adapted = RNNModel(config)
+        for name, head in self.heads.items():
+            adapted.heads[name] = head
+        weights = adapted.state_dict()
+        for key, value in self.state_dict().items():
+            if key in ("encoder.embedding.weight", "lm_head.proj.weight", "lm_head.bias"):
+                weights[key][new_rows] = value[old_rows]
+            else:
+                weights[key] = value
+        adapted.load_state_dict(weights)
+        return adapted
+
     def with_label_tokens(self, labels: list[str]) -> RNNModel:
         """A copy whose vocabulary also holds a token for each of ``labels`` not already in it."""
         new = [label for label in labels if label not in self.config.label_tokens]
         if not new:
             return self
-        config = replace(self.config, vocab_size=self.config.vocab_size + len(new),
-                         label_tokens=(*self.config.label_tokens, *new))
-        grown = RNNModel(config)
-        for name, head in self.heads.items():
-            grown.heads[name] = head
-        extra = grown.state_dict()
-        weights = self.state_dict()
-        for key, value in weights.items():
-            if extra[key].shape != value.shape:  # embedding and LM-head rows: keep the old, new rows fresh
-                extra[key][: value.size(0)] = value
-                if key == "lm_head.bias":
-                    extra[key][value.size(0):] = -10.0  # a label token is never predicted as text
-            else:
-                extra[key] = value
-        grown.load_state_dict(extra)
+        grown = self.adapted(replace(self.config, vocab_size=self.config.vocab_size + len(new),
+                                     label_tokens=(*self.config.label_tokens, *new)))
+        with torch.no_grad():
+            grown.lm_head.bias[-len(new):] = -10.0  # a label token is never predicted as text
         return grown
 
 

@@ -31,7 +31,7 @@ from .data import StreamBatches, TokenSplit, eval_windows, tokenize_to_file
 from .distributed import Dist, session
 from .errors import CheckpointError, InputError, TrainingError
 from .model import RNNModel, State, detach_state
-from .tokenizers import Tokenizer, fit_tokenizer, tokenizer_from_dict
+from .tokenizers import CharTokenizer, Tokenizer, fit_tokenizer, tokenizer_from_dict
 
 LN2 = math.log(2.0)
 
@@ -523,12 +523,16 @@ class _RunData:
     config: TrainConfig
     meta: dict[str, Any]
     best_val: dict[str, float] = field(default_factory=dict)  # resuming: the best validation so far
+    # Fine-tuning: the configuration the base checkpoint (meta's training.base) is adapted to.
+    base_model: dict[str, Any] | None = None
 
 
 def prepare_run(sources: list[str], out: str | Path, resume: bool = False, encoding: str = "utf-8",
                 errors: str = "strict", callback: Callable[[TrainEvent], None] | None = None,
-                stop: threading.Event | None = None, dist: Dist | None = None, **options: Any) -> Trainer:
-    """Build a Trainer for a new run, or for resuming the run in ``out``.
+                stop: threading.Event | None = None, dist: Dist | None = None, base: str | None = None,
+                **options: Any) -> Trainer:
+    """Build a Trainer for a new run (from scratch, or fine-tuning the checkpoint ``base`` on the
+    corpus), or for resuming the run in ``out``.
 
     With ``dist`` (torchrun), rank 0 reads the corpus (fits the tokenizer, hashes the corpus and
     tokenizes it into the cache) while the others wait; then every rank builds its Trainer from
@@ -537,15 +541,20 @@ def prepare_run(sources: list[str], out: str | Path, resume: bool = False, encod
     dist = dist or Dist()
     run_dir = Path(out)
     model_opts, tok_opts, train_opts = _split_options(options)
+    if resume and base:
+        raise InputError("--from starts a new run and --resume continues one: drop --from to resume "
+                         "(the run remembers its base)")
     if resume:
         data = dist.from_main(lambda: _resume_data(sources, run_dir, encoding, errors, train_opts))
     else:
-        data = dist.from_main(lambda: _new_run_data(sources, run_dir, encoding, errors, tok_opts, train_opts))
+        data = dist.from_main(lambda: _new_run_data(sources, run_dir, encoding, errors, tok_opts, train_opts,
+                                                    base, model_opts))
     return dist.agree(lambda: _build_trainer(data, run_dir, resume, model_opts, callback, stop, dist))
 
 
 def _new_run_data(sources: list[str], run_dir: Path, encoding: str, errors: str, tok_opts: dict[str, Any],
-                  train_opts: dict[str, Any]) -> _RunData:
+                  train_opts: dict[str, Any], base: str | None = None,
+                  model_opts: dict[str, Any] | None = None) -> _RunData:
     if has_run(run_dir):
         raise InputError(f"{run_dir} already holds a training run; pass --resume to continue it, "
                          "or choose another --out")
@@ -559,13 +568,66 @@ def _new_run_data(sources: list[str], run_dir: Path, encoding: str, errors: str,
     min_char_count = tok_opts.get("min_char_count", 1)
     if vocab_size < 2 or min_char_count < 1:
         raise InputError("--vocab-size must be at least 2 and --min-char-count at least 1")
-    tokenizer = fit_tokenizer(corpus.chunks(), kind, vocab_size, min_char_count)
+    fine_tune: dict[str, Any] = {}
+    base_model = None
+    if base:
+        tokenizer, base_model, fine_tune = fine_tune_base(base, corpus, tok_opts, model_opts or {})
+    else:
+        tokenizer = fit_tokenizer(corpus.chunks(), kind, vocab_size, min_char_count)
     fingerprint = corpus.fingerprint()  # hashing reads the whole corpus: once per run
     tokens = tokenize_to_file(corpus, tokenizer, fingerprint=fingerprint)
-    meta = {"training": {"corpus": corpus.describe(), "tokens": len(tokens)},
+    if base:
+        fine_tune["unknown_tokens"] = int(np.count_nonzero(tokens == tokenizer.unk_id))
+    meta = {"training": {"corpus": corpus.describe(), "tokens": len(tokens), **fine_tune},
             "resume": {"corpus": {"paths": [str(p.resolve()) for p in corpus.paths], "encoding": encoding,
                                   "errors": errors, "fingerprint": fingerprint}}}
-    return _RunData(corpus, fingerprint, tokenizer.to_dict(), config, meta)
+    return _RunData(corpus, fingerprint, tokenizer.to_dict(), config, meta,
+                    base_model=to_dict(base_model) if base_model else None)
+
+
+SHAPE_FIELDS = MODEL_FIELDS - {"dropout", "emb_dropout", "weight_drop"}  # what fine-tuning cannot change
+
+
+def fine_tune_base(base: str, corpus: Corpus, tok_opts: dict[str, Any],
+                   model_opts: dict[str, Any]) -> tuple[Tokenizer, ModelConfig, dict[str, Any]]:
+    """The tokenizer and model configuration for fine-tuning the language model ``base`` on ``corpus``.
+
+    The base's network is kept (options that would change it are refused); dropout rates may change. A character vocabulary grows by the corpus's
+    characters that the base never saw (those seen at least --min-char-count times), so the fine-tuned
+    model can read and write them (rarer ones are read as <unk>); a subword vocabulary spells them in
+    UTF-8 byte pieces.
+    Classification heads and label tokens are not carried over: the result is a language model.
+    Returns also what the run's config.json records of it (``base``, ``added_characters``).
+    """
+    model, tokenizer, _, directory = load_checkpoint(base, "cpu")
+    base_shape = {**{k: getattr(model.config, k) for k in SHAPE_FIELDS}, "tokenizer": tokenizer.kind,
+                  "vocab_size": tokenizer.vocab_size}
+    shaping = sorted(f"--{k.replace('_', '-')} {v}" for k, v in {**model_opts, **tok_opts}.items()
+                     if k in base_shape and v != base_shape[k])
+    if shaping:
+        raise InputError(f"{', '.join(shaping)} would change the network or vocabulary of {base}, which --from "
+                         "fine-tunes as it is; drop them, or train from scratch without --from")
+    if model.config.bidirectional:
+        raise InputError(f"{base} has a bidirectional encoder, which cannot be a language model; "
+                         "fine-tune a unidirectional one")
+    added = ""
+    if isinstance(tokenizer, CharTokenizer):
+        seen = CharTokenizer.fit(corpus.chunks(), tok_opts.get("min_char_count", 1)).chars
+        added = "".join(c for c in seen if tokenizer.encode(c)[0] == tokenizer.unk_id)
+        tokenizer = CharTokenizer(tokenizer.chars + list(added))
+    config = replace(model.config, **{k: v for k, v in model_opts.items() if k not in SHAPE_FIELDS},
+                     vocab_size=tokenizer.vocab_size, label_tokens=())
+    return tokenizer, config, {"base": str(directory), "added_characters": added}
+
+
+def load_base_model(data: _RunData) -> RNNModel:
+    """The base checkpoint's network, adapted to the fine-tuning run (see ``fine_tune_base``)."""
+    model, _, _, _ = load_checkpoint(data.meta["training"]["base"], "cpu")
+    model.heads.clear()
+    return model.adapted(from_dict(ModelConfig, data.base_model or {}))
+
+
+RUN_FACTS = ("corpus", "tokens", "base", "added_characters", "unknown_tokens")  # what a resumed run keeps saying
 
 
 def _resume_data(sources: list[str], run_dir: Path, encoding: str, errors: str,
@@ -590,7 +652,7 @@ def _resume_data(sources: list[str], run_dir: Path, encoding: str, errors: str,
     _, tokenizer, ckpt_config, _ = load_checkpoint(last)
     tokenize_to_file(corpus, tokenizer, fingerprint=fingerprint)
     training = ckpt_config.get("training", {})
-    meta = {"training": {k: v for k, v in training.items() if k in ("corpus", "tokens")}, "resume": {"corpus": saved}}
+    meta = {"training": {k: v for k, v in training.items() if k in RUN_FACTS}, "resume": {"corpus": saved}}
     return _RunData(corpus, fingerprint, tokenizer.to_dict(), config, meta, dict(training.get("best_val") or {}))
 
 
@@ -610,7 +672,8 @@ def _build_trainer(data: _RunData, run_dir: Path, resume: bool, model_opts: dict
     meta = data.meta
     if not resume:
         torch.manual_seed(config.seed)  # the same initial weights on every rank
-        model = RNNModel(ModelConfig(vocab_size=tokenizer.vocab_size, **model_opts))
+        model = (load_base_model(data) if data.base_model
+                 else RNNModel(ModelConfig(vocab_size=tokenizer.vocab_size, **model_opts)))
         return Trainer(model, tokenizer, split, config, run_dir, meta, device, callback, stop, dist)
     state, tensors = load_trainer_state(run_dir / LAST)
     model, _, _, _ = load_checkpoint(run_dir / LAST, device)
