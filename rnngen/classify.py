@@ -16,7 +16,7 @@ import math
 import threading
 import time
 from collections.abc import Callable, Collection, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,7 @@ from .labelled import LabelledData, read_labelled, stratified_split
 from .model import ClassifierHead, RNNModel
 from .tokenizers import Tokenizer, fit_tokenizer
 from .train import (LN2, MODEL_FIELDS, TOKENIZER_FIELDS, TrainEvent, WeightAverage, autocast, averaged, has_run,
-                    lr_at, optimizer_from_saved, optimizer_to_saved, resolve_device, use_bf16)
+                    load_base, lr_at, optimizer_from_saved, optimizer_to_saved, resolve_device, use_bf16)
 
 
 @dataclass(frozen=True)
@@ -568,13 +568,11 @@ def prepare_classifier(data_paths: Sequence[str], out: str | Path, base: str | N
     model_options = {k: v for k, v in (model_options or {}).items() if v is not None}
     tokenizer_options = {k: v for k, v in (tokenizer_options or {}).items() if v is not None}
     if base:
-        if bidirectional or model_options or tokenizer_options:
-            shaping = ["--" + k.replace("_", "-") for k in [*model_options, *tokenizer_options]]
-            raise InputError(f"{', '.join(shaping + ['--bidirectional'] * bidirectional)} shape a new model, but "
-                             f"--from fine-tunes {base} as it is; drop them, or train from scratch without --from")
-        model, tokenizer, base_config, _ = load_checkpoint(base, "cpu")
-        if model.config.bidirectional:
-            raise InputError(f"{base} has a bidirectional encoder; fine-tune a language model instead")
+        if bidirectional:
+            raise InputError(f"--bidirectional shapes a new model, but --from fine-tunes {base} as it is; "
+                             "drop it, or train from scratch without --from")
+        model, tokenizer, _ = load_base(base, model_options, tokenizer_options)
+        model = model.adapted(replace(model.config, **model_options))  # only dropout rates may differ
         if model.classifier is not None and model.classifier.classes != classes:
             del model.heads["classifier"]  # a new task: a new head
     else:

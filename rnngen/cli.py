@@ -190,7 +190,7 @@ def train(corpus: tuple[str, ...], out: str | None, resume: bool, base: str | No
 
     With no CORPUS it trains on a built-in corpus: the help pages of this Python installation.
     Writes best/ and last/ checkpoints and metrics.jsonl into --out. Ctrl-C stops after saving;
-    --resume continues where it stopped.
+    --resume continues where it stopped. --from starts from a trained model instead of from scratch.
     """
     import threading
 

@@ -588,17 +588,10 @@ def _new_run_data(sources: list[str], run_dir: Path, encoding: str, errors: str,
 SHAPE_FIELDS = MODEL_FIELDS - {"dropout", "emb_dropout", "weight_drop"}  # what fine-tuning cannot change
 
 
-def fine_tune_base(base: str, corpus: Corpus, tok_opts: dict[str, Any],
-                   model_opts: dict[str, Any]) -> tuple[Tokenizer, ModelConfig, dict[str, Any]]:
-    """The tokenizer and model configuration for fine-tuning the language model ``base`` on ``corpus``.
-
-    The base's network is kept (options that would change it are refused); dropout rates may change. A character vocabulary grows by the corpus's
-    characters that the base never saw (those seen at least --min-char-count times), so the fine-tuned
-    model can read and write them (rarer ones are read as <unk>); a subword vocabulary spells them in
-    UTF-8 byte pieces.
-    Classification heads and label tokens are not carried over: the result is a language model.
-    Returns also what the run's config.json records of it (``base``, ``added_characters``).
-    """
+def load_base(base: str, model_opts: dict[str, Any],
+              tok_opts: dict[str, Any]) -> tuple[RNNModel, Tokenizer, Path]:
+    """The checkpoint ``base`` that ``--from`` fine-tunes (on the CPU), after refusing options that would
+    change its network or vocabulary (options equal to the base's pass) and a bidirectional encoder."""
     model, tokenizer, _, directory = load_checkpoint(base, "cpu")
     base_shape = {**{k: getattr(model.config, k) for k in SHAPE_FIELDS}, "tokenizer": tokenizer.kind,
                   "vocab_size": tokenizer.vocab_size}
@@ -610,6 +603,21 @@ def fine_tune_base(base: str, corpus: Corpus, tok_opts: dict[str, Any],
     if model.config.bidirectional:
         raise InputError(f"{base} has a bidirectional encoder, which cannot be a language model; "
                          "fine-tune a unidirectional one")
+    return model, tokenizer, directory
+
+
+def fine_tune_base(base: str, corpus: Corpus, tok_opts: dict[str, Any],
+                   model_opts: dict[str, Any]) -> tuple[Tokenizer, ModelConfig, dict[str, Any]]:
+    """The tokenizer and model configuration for fine-tuning the language model ``base`` on ``corpus``.
+
+    The base's network is kept (options that would change it are refused); dropout rates may change. A character vocabulary grows by the corpus's
+    characters that the base never saw (those seen at least --min-char-count times), so the fine-tuned
+    model can read and write them (rarer ones are read as <unk>); a subword vocabulary spells them in
+    UTF-8 byte pieces.
+    Classification heads and label tokens are not carried over: the result is a language model.
+    Returns also what the run's config.json records of it (``base``, ``added_characters``).
+    """
+    model, tokenizer, directory = load_base(base, model_opts, tok_opts)
     added = ""
     if isinstance(tokenizer, CharTokenizer):
         seen = CharTokenizer.fit(corpus.chunks(), tok_opts.get("min_char_count", 1)).chars

@@ -170,6 +170,15 @@ def test_fine_tune_a_language_model_then_sample_and_classify(tiny_run: Path, ord
     assert not torch.equal(gen.model.encoder.rnn.weight_hh_l0, lm.model.encoder.rnn.weight_hh_l0)
 
 
+def test_fine_tuning_may_change_dropout_but_not_the_network(tiny_run: Path, order_csv: Path, tmp_path: Path) -> None:
+    hidden = rnngen.load(str(tiny_run)).model.config.hidden
+    trainer = prepare_classifier([str(order_csv)], tmp_path / "a", base=str(tiny_run),
+                                 model_options={"dropout": 0.3, "hidden": hidden})  # the base's own size passes
+    assert trainer.model.config.dropout == 0.3 and trainer.model.lm_head.dropout.p == 0.3
+    with pytest.raises(InputError, match=f"--hidden {2 * hidden} would change the network"):
+        prepare_classifier([str(order_csv)], tmp_path / "b", base=str(tiny_run), model_options={"hidden": 2 * hidden})
+
+
 def test_a_checkpoint_with_both_heads_round_trips(order_csv: Path, tmp_path: Path) -> None:
     trainer = prepare_classifier([str(order_csv)], tmp_path / "run", model_options={"hidden": 16, "emb_dim": 8,
                                  "layers": 1}, max_steps=20, device="cpu", lm_vote=0)
