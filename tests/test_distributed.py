@@ -148,3 +148,20 @@ def test_batch_size_must_split_between_ranks(single: tuple[Path, Path], tmp_path
     assert lines == ["error: --batch-size 7 (the global batch) does not split evenly between 2 processes; "
                      "use a multiple of 2"]
     assert not (tmp_path / "run").exists()
+
+
+def test_two_processes_fine_tune_as_one(single: tuple[Path, Path], tmp_path: Path) -> None:
+    """--from under torchrun: every rank starts from the same base, grown by the same new characters."""
+    corpus, base = single
+    new_corpus = tmp_path / "umlauts.txt"
+    new_corpus.write_text(corpus.read_text(encoding="utf-8")[:30_000].replace("e", "ë"), encoding="utf-8")
+    options = ["--from", str(base), *EXACT, "--max-steps", "50", "-q"]
+    proc = run_cli("train", str(new_corpus), "--out", str(tmp_path / "one"), *options, env={"OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr
+    code, _, err = finish(torchrun("train", str(new_corpus), "--out", str(tmp_path / "two"), *options, env={}))
+    assert code == 0, err
+    a, b = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [25, 50]
+    for x, y in zip(a, b):
+        assert y["val_loss"] == pytest.approx(x["val_loss"], rel=1e-5)
+    assert "ë" in rnngen.load(str(tmp_path / "two")).tokenizer.to_dict()["chars"]
