@@ -610,11 +610,11 @@ def fine_tune_base(base: str, corpus: Corpus, tok_opts: dict[str, Any],
                    model_opts: dict[str, Any]) -> tuple[Tokenizer, ModelConfig, dict[str, Any]]:
     """The tokenizer and model configuration for fine-tuning the language model ``base`` on ``corpus``.
 
-    The base's network is kept (options that would change it are refused); dropout rates may change. A character vocabulary grows by the corpus's
-    characters that the base never saw (those seen at least --min-char-count times), so the fine-tuned
-    model can read and write them (rarer ones are read as <unk>); a subword vocabulary spells them in
-    UTF-8 byte pieces.
-    Classification heads and label tokens are not carried over: the result is a language model.
+    The base's network is kept (options that would change it are refused); dropout rates may change. A
+    character vocabulary grows by the corpus's characters that the base never saw (those seen at least
+    --min-char-count times), so the fine-tuned model can read and write them (rarer ones are read as
+    <unk>); a subword vocabulary spells them in UTF-8 byte pieces. Classification heads and label tokens
+    are not carried over: the result is a language model.
     Returns also what the run's config.json records of it (``base``, ``added_characters``).
     """
     model, tokenizer, directory = load_base(base, model_opts, tok_opts)
@@ -629,7 +629,9 @@ def fine_tune_base(base: str, corpus: Corpus, tok_opts: dict[str, Any],
 
 
 def load_base_model(data: _RunData) -> RNNModel:
-    """The base checkpoint's network, adapted to the fine-tuning run (see ``fine_tune_base``)."""
+    """The base checkpoint's network, adapted to the fine-tuning run (see ``fine_tune_base``).
+
+    Every rank loads it here (rank 0 a second time): only the configuration travels between ranks."""
     model, _, _, _ = load_checkpoint(data.meta["training"]["base"], "cpu")
     model.heads.clear()
     return model.adapted(from_dict(ModelConfig, data.base_model or {}))
