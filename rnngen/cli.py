@@ -153,7 +153,7 @@ def optimizer_options(command: Any) -> Any:
 @click.argument("corpus", nargs=-1)
 @click.option("--out", "-o", type=click.Path(file_okay=False), help="Run directory [default: checkpoints/NAME].")
 @click.option("--resume", is_flag=True, help="Continue the run in --out exactly where it stopped.")
-@click.option("--from", "base", type=click.Path(),
+@click.option("--from", "base", type=click.Path(), metavar="CHECKPOINT",
               help="Fine-tune this trained model on CORPUS (its network and vocabulary; new characters are "
                    "added) instead of starting from scratch.")
 @model_options
@@ -733,7 +733,7 @@ def classify() -> None:
 
 @classify.command(name="train")
 @click.argument("data", nargs=-1)
-@click.option("--from", "base", type=click.Path(), help="Fine-tune the encoder of this language-model checkpoint.")
+@click.option("--from", "base", type=click.Path(), metavar="CHECKPOINT", help="Fine-tune the encoder of this language-model checkpoint.")
 @click.option("--out", "-o", type=click.Path(file_okay=False), help="Run directory [default: checkpoints/NAME-cls].")
 @click.option("--resume", is_flag=True, help="Continue the run in --out exactly where it stopped.")
 @data_options
