@@ -577,7 +577,9 @@ def _new_run_data(sources: list[str], run_dir: Path, encoding: str, errors: str,
     fingerprint = corpus.fingerprint()  # hashing reads the whole corpus: once per run
     tokens = tokenize_to_file(corpus, tokenizer, fingerprint=fingerprint)
     if base:
-        fine_tune["unknown_tokens"] = int(np.count_nonzero(tokens == tokenizer.unk_id))
+        # In slices: the token file may be larger than memory, and so would a comparison of it all at once.
+        fine_tune["unknown_tokens"] = sum(int(np.count_nonzero(tokens[i:i + (1 << 24)] == tokenizer.unk_id))
+                                          for i in range(0, len(tokens), 1 << 24))
     meta = {"training": {"corpus": corpus.describe(), "tokens": len(tokens), **fine_tune},
             "resume": {"corpus": {"paths": [str(p.resolve()) for p in corpus.paths], "encoding": encoding,
                                   "errors": errors, "fingerprint": fingerprint}}}
