@@ -31,8 +31,9 @@ from .errors import InputError
 from .labelled import LabelledData, read_labelled, stratified_split
 from .model import ClassifierHead, RNNModel
 from .tokenizers import Tokenizer, fit_tokenizer
-from .train import (LN2, MODEL_FIELDS, TOKENIZER_FIELDS, TrainEvent, WeightAverage, autocast, averaged, has_run,
-                    load_base, lr_at, optimizer_from_saved, optimizer_to_saved, resolve_device, use_bf16)
+from .runtime import LN2, autocast, resolve_device, use_bf16
+from .train import (MODEL_FIELDS, TOKENIZER_FIELDS, TrainEvent, WeightAverage, averaged, has_run,
+                    load_base, lr_at, optimizer_from_saved, optimizer_to_saved)
 
 
 @dataclass(frozen=True)

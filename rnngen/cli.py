@@ -334,7 +334,7 @@ def sample(checkpoint: str, prompt: str, prompt_file: str | None, length: int, t
     from . import console
     from .config import SampleConfig
     from .generate import Generator, make_generator
-    from .train import resolve_device
+    from .runtime import resolve_device
 
     if prompt and prompt_file is not None:
         raise click.UsageError("give --prompt or --prompt-file, not both")
@@ -418,7 +418,7 @@ def eval_(checkpoint: str, file: str, encoding: str, errors: str, device: str, a
     from . import console
     from .corpora import resolve_corpus
     from .generate import Generator
-    from .train import resolve_device
+    from .runtime import resolve_device
 
     text = resolve_corpus([file], encoding, errors).read()
     gen = Generator.load(checkpoint, device=str(resolve_device(device)))
@@ -572,7 +572,7 @@ def chat(checkpoint: str, length: int, temperature: float, top_k: int | None, to
     from .chat import DEFAULT_STOP, ChatSession, unescape
     from .config import SampleConfig
     from .generate import Generator
-    from .train import resolve_device
+    from .runtime import resolve_device
 
     stops = tuple(unescape(s) for s in stop) if stop else DEFAULT_STOP
     config = SampleConfig(temperature, top_k, top_p, False, length, stops, seed)
@@ -873,7 +873,7 @@ def classify_predict(checkpoint: str, texts: tuple[str, ...], file: str | None, 
     Each line: the label, its probability, further classes with --top, then the text.
     """
     from .generate import Generator
-    from .train import resolve_device
+    from .runtime import resolve_device
 
     gen = Generator.load(checkpoint, device=str(resolve_device(device)))
     inputs = _input_texts(texts, file, encoding)
@@ -900,7 +900,7 @@ def classify_eval(checkpoint: str, data: tuple[str, ...], text_column: str, labe
     from .classify import evaluate_classifier
     from .generate import Generator
     from .labelled import read_labelled
-    from .train import resolve_device
+    from .runtime import resolve_device
 
     gen = Generator.load(checkpoint, device=str(resolve_device(device)))
     labelled = read_labelled(list(data), min_classes=1, **{k: v for k, v in _read_options(

@@ -463,7 +463,7 @@ class Generator:
 
     def evaluate(self, text: str) -> dict[str, float]:
         """Loss of ``text`` under the model: nats/token, nats/char, bits/char, perplexity."""
-        from .train import evaluate
+        from .runtime import evaluate
 
         tokens = self.tokenizer.encode(text)
         if len(tokens) < 2:
