@@ -7,42 +7,43 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from .version import __version__
 
 if TYPE_CHECKING:
-    from .generate import Generator
+    from .loaded import LoadedModel
+    from .loop import RunResult
 
 
-def load(path: str, device: str = "cpu") -> Generator:
-    """Load a checkpoint (a run directory or a checkpoint directory) for generation and evaluation."""
-    from .generate import Generator
+def load(path: str, device: str = "cpu") -> LoadedModel:
+    """Load a checkpoint (a run directory or a checkpoint directory) to generate, classify, evaluate and chat."""
+    from .loaded import LoadedModel
 
-    return Generator.load(path, device=device)
+    return LoadedModel.load(path, device=device)
 
 
 def train(corpus: list[str] | None = None, out: str = "checkpoints/run", base: str | None = None,
-          **options: Any) -> Any:
+          **options: Any) -> RunResult:
     """Train a language model on text files (the built-in corpus when ``corpus`` is empty), from scratch
     or fine-tuning the trained model in ``base`` (``rnngen train --from``).
 
-    ``options`` are the fields of ModelConfig and TrainConfig (e.g. ``hidden=256, max_steps=500``) and
-    ``tokenizer``, ``vocab_size``, ``min_char_count``, ``encoding``, ``errors``, ``resume``.
-    Returns a TrainResult.
+    ``options`` are the fields of ModelConfig, TokenizerConfig and TrainConfig (e.g. ``hidden=256,
+    max_steps=500``, ``tokenizer="bpe"``) and ``encoding``, ``errors``, ``resume``. Ctrl-C stops the run
+    after saving it, as in the CLI. Returns a RunResult.
     """
-    from .train import train_from_options
+    from .training import train_from_options
 
     return train_from_options(corpus or [], out, base=base, **options)
 
 
 def train_classifier(data: list[str], out: str = "checkpoints/classifier", base: str | None = None,
-                     **options: Any) -> Any:
+                     **options: Any) -> RunResult:
     """Train a classifier on labelled data (CSV/TSV/JSONL files, or folders; see ``rnngen classify train``),
     from scratch or fine-tuning the language model in ``base``.
 
     ``options`` are the fields of ClassifyConfig (``max_epochs``, ``lm_weight``, ``lm_vote``, ...), of
-    ModelConfig (``hidden``, ...), the tokenizer's (``tokenizer``, ``vocab_size``), the reader's
-    (``text_columns``, ``label_column``, ``header``, ``fmt``, ``encoding``, ``skip_bad_rows``),
-    ``bidirectional`` and ``resume``. Returns a ClassifyResult.
+    ModelConfig (``hidden``, ``bidirectional``, ...), TokenizerConfig (``tokenizer``, ``vocab_size``), ReadConfig
+    (``text_columns``, ``label_column``, ``header``, ``fmt``, ``encoding``, ``skip_bad_rows``) and ``resume``.
+    Ctrl-C stops the run after saving it. Returns a RunResult.
     """
     from .classify import train_classifier_from_options
 

@@ -14,11 +14,15 @@ import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
+
+import torch
 
 from .config import SampleConfig
 from .errors import InputError
-from .generate import Cursor, Generator, StopScanner, make_generator
+from .generate import Cursor, StopScanner, random_stream
+from .model import State
+from .tokenizers import Tokenizer
 
 DEFAULT_STOP = ("\n\n",)
 N = TypeVar("N", int, float)
@@ -143,17 +147,46 @@ class MultiLine:
 
 
 # --------------------------------------------------------------------------------------------- session
+class ChatModel(Protocol):
+    """What a conversation needs of its model: a sampler (generate.Sampler) that also knows its checkpoint
+    and classifies; ``rnngen.load`` returns one (loaded.LoadedModel)."""
+
+    tokenizer: Tokenizer
+    device: torch.device
+    directory: Path
+
+    @property
+    def labels(self) -> list[str]: ...
+
+    @property
+    def classes(self) -> list[str]: ...
+
+    def unknown_characters(self, text: str) -> int: ...
+
+    def start(self, prompt: str = "", label: str | None = None, guidance: float = 1.0,
+              progress: Callable[[int, int], None] | None = None) -> Cursor: ...
+
+    def feed(self, ids: list[int], state: State | None = None,
+             progress: Callable[[int, int], None] | None = None) -> Cursor: ...
+
+    def continue_from(self, cursor: Cursor, config: SampleConfig,
+                      generator: torch.Generator | None = None) -> Iterator[str]: ...
+
+    def classify(self, texts: list[str], top: int | None = None,
+                 lm_vote: float | None = None) -> list[dict[str, Any]]: ...
+
+
 class ChatSession:
     """A conversation with one model: the recurrent state, the settings, the turns and an undo stack."""
 
-    def __init__(self, generator: Generator, config: SampleConfig | None = None, user_prefix: str = "",
+    def __init__(self, model: ChatModel, config: SampleConfig | None = None, user_prefix: str = "",
                  bot_prefix: str = "", primer: str = "", progress: Callable[[int, int], None] | None = None) -> None:
         """``primer``: text read before the conversation (a scene, earlier dialogue, a saved conversation);
-        ``progress(done, total)`` follows its reading (see ``Generator.feed``)."""
-        self.gen = generator
+        ``progress(done, total)`` follows its reading (see ``Sampler.feed``)."""
+        self.gen = model
         self.config = config if config is not None else SampleConfig(length=300, stop=DEFAULT_STOP)
         self.user_prefix, self.bot_prefix = user_prefix, bot_prefix
-        self.rng = make_generator(self.config.seed, generator.device)
+        self.rng = random_stream(self.config.seed, model.device)
         self.turns: list[Turn] = []
         # Before each turn: the cursor then and how many turns there were. Cursors are copied because
         # continue_from advances a cursor in place; the tensors they hold are never modified in place
@@ -299,7 +332,7 @@ class ChatSession:
     def cmd_seed(self, arg: str) -> Iterator[Event]:
         seed = _number(arg, int, "/seed N, e.g. /seed 7")
         self._set(seed=seed)
-        self.rng = make_generator(seed, self.gen.device)
+        self.rng = random_stream(seed, self.gen.device)
         yield Notice(f"seed {seed}: the random stream starts again")
 
     def cmd_label(self, arg: str) -> Iterator[Event]:

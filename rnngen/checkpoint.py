@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from . import __version__
+from .version import __version__
 from .config import ModelConfig, from_dict, to_dict
 from .errors import CheckpointError, InputError
 from .model import RNNModel, attach_heads
@@ -226,29 +226,51 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _link_or_create(draft: Path, lock: Path, content: str) -> None:
+    """Put the lock in place with its content, or raise FileExistsError. A file system without hard links
+    gets an exclusive create, then the write (briefly empty)."""
+    try:
+        os.link(draft, lock)
+    except FileExistsError:
+        raise
+    except OSError:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        with os.fdopen(fd, "w") as f:
+            f.write(content)
+
+
 @contextmanager
 def run_lock(run_dir: Path) -> Iterator[None]:
-    """Hold ``run_dir/.lock`` while training; a second run refuses, a dead run's lock is cleared."""
+    """Hold ``run_dir/.lock`` while training; a second run refuses, a dead run's lock is cleared.
+
+    The lock file appears with its owner already written in it (written aside, then hard-linked into place,
+    which fails if a lock exists), so a lock is never seen empty while its owner is still writing it."""
     run_dir.mkdir(parents=True, exist_ok=True)
     lock = run_dir / ".lock"
     me = f"{socket.gethostname()} {os.getpid()}"
-    for _ in range(2):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
+    draft = run_dir / f".lock.{os.getpid()}"
+    draft.write_text(me)
+    try:
+        for _ in range(2):
             try:
-                host, pid = lock.read_text().split()
-                stale = host == socket.gethostname() and not _pid_alive(int(pid))
-            except (OSError, ValueError):
-                host, pid, stale = "?", "?", True
-            if stale:
-                lock.unlink(missing_ok=True)
-                continue
-            raise InputError(f"another training run (pid {pid} on {host}) is writing to {run_dir}; "
-                             "wait for it to finish or pick another --out") from None
-        with os.fdopen(fd, "w") as f:
-            f.write(me)
-        break
+                _link_or_create(draft, lock, me)
+                break
+            except FileExistsError:
+                try:
+                    host, pid = lock.read_text().split()
+                    stale = host == socket.gethostname() and not _pid_alive(int(pid))
+                except (OSError, ValueError):  # unreadable or foreign: left by something else, not a live run
+                    host, pid, stale = "?", "?", True
+                if stale:
+                    lock.unlink(missing_ok=True)
+                    continue
+                raise InputError(f"another training run (pid {pid} on {host}) is writing to {run_dir}; "
+                                 "wait for it to finish or pick another --out") from None
+        else:
+            raise InputError(f"cannot take the lock of {run_dir} ({lock} keeps coming back); remove it by hand "
+                             "if no training run is writing there")
+    finally:
+        draft.unlink(missing_ok=True)
     try:
         yield
     finally:

@@ -12,11 +12,9 @@ validation accuracy), last/ (with the state for an exact --resume) and metrics.j
 
 from __future__ import annotations
 
-import math
 import threading
-import time
-from collections.abc import Callable, Collection, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,75 +22,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import BEST, LAST, append_metrics, load_checkpoint, load_trainer_state, run_lock, save_checkpoint
-from .config import ModelConfig, from_dict, require, to_dict
+from .checkpoint import load_checkpoint, load_trainer_state
+from .config import VOTE_GRID, ClassifyConfig, ModelConfig, TokenizerConfig, from_dict, split_options, to_dict
 from .data import mixed_seed
 from .errors import InputError
-from .labelled import LabelledData, read_labelled, stratified_split
+from .labelled import LabelledData, ReadConfig, read_labelled, stratified_split
+from .loop import RunResult, TrainEvent, TrainLoop, refuse_existing_run, resume_point, run_to_end
 from .model import ClassifierHead, RNNModel
+from .runtime import LN2, autocast, resolve_device
 from .tokenizers import Tokenizer, fit_tokenizer
-from .runtime import LN2, autocast, resolve_device, use_bf16
-from .train import (MODEL_FIELDS, TOKENIZER_FIELDS, TrainEvent, WeightAverage, averaged, has_run,
-                    load_base, lr_at, optimizer_from_saved, optimizer_to_saved)
-
-
-@dataclass(frozen=True)
-class ClassifyConfig:
-    """How to train a classifier (and its auxiliary language model)."""
-
-    batch_size: int = 32
-    lr: float = 2e-3
-    min_lr_ratio: float = 0.05
-    warmup_steps: int = 50
-    weight_decay: float = 0.01
-    grad_clip: float = 1.0
-    max_epochs: int = 10
-    max_steps: int | None = None
-    max_time: float | None = None
-    eval_every: int | None = None  # steps; default: once per epoch
-    patience: int | None = 3  # evaluations without a better validation accuracy
-    max_len: int = 256  # tokens of each text kept (the beginning)
-    val_fraction: float = 0.2
-    seed: int = 1337
-    balance: bool = False  # weight classes by inverse frequency
-    lm_weight: float = 0.5  # auxiliary language-model loss; 0 turns it off
-    # Share of LM texts read without their label (after a newline instead), so that the model also
-    # knows unlabelled text: what classifier-free guidance (`sample --guidance`) contrasts the label with.
-    label_dropout: float = 0.1
-    head_dropout: float = 0.2
-    token_dropout: float = 0.0  # share of a training text's tokens the classifier reads as <unk>
-    label_smoothing: float = 0.0  # share of each target's probability spread evenly over all classes
-    # Weight of the label-conditioned LM's vote in classification (see class_log_scores); None: chosen at
-    # each evaluation from VOTE_GRID on the validation set; 0: the head alone.
-    lm_vote: float | None = None
-    ema: float = 0.0  # decay of the moving average of the weights that is evaluated and kept; 0: off
-    lr_decay: float = 2.6  # fine-tuning: each layer group below the top learns this much slower (ULMFiT)
-    unfreeze_every: int | None = None  # fine-tuning: unfreeze one more layer group every N steps [epoch]
-    device: str = "auto"
-    precision: str = "auto"
-
-    def __post_init__(self) -> None:
-        for name in ("batch_size", "max_epochs", "max_len"):
-            require(getattr(self, name) >= 1, f"--{name.replace('_', '-')} must be at least 1")
-        for name in ("max_steps", "eval_every", "patience", "unfreeze_every"):
-            value = getattr(self, name)
-            require(value is None or value >= 1, f"--{name.replace('_', '-')} must be at least 1")
-        require(math.isfinite(self.lr) and self.lr > 0, "--lr must be a positive number")
-        require(0.0 < self.val_fraction < 1.0, "--val-fraction must be between 0 and 1")
-        require(math.isfinite(self.lm_weight) and self.lm_weight >= 0, "--lm-weight must not be negative")
-        require(0.0 <= self.label_dropout < 1.0, "--label-dropout must be in [0, 1)")
-        require(0.0 <= self.head_dropout < 1.0, "--head-dropout must be in [0, 1)")
-        require(0.0 <= self.token_dropout < 1.0, "--token-dropout must be in [0, 1)")
-        require(0.0 <= self.label_smoothing < 1.0, "--label-smoothing must be in [0, 1)")
-        require(self.lm_vote is None or (math.isfinite(self.lm_vote) and self.lm_vote >= 0),
-                "--lm-vote must be a weight of 0 or more, or auto")
-        require(0.0 <= self.ema < 1.0, "--ema must be in [0, 1), e.g. 0.999 (0 turns it off)")
-        require(self.lr_decay >= 1.0, "--lr-decay must be at least 1")
-        require(self.max_time is None or self.max_time > 0, "--max-time must be positive")
-        require(self.precision in ("auto", "fp32", "bf16"), "--precision must be auto, fp32 or bf16")
-
-
-VOTE_GRID = tuple(i / 8 for i in range(13))  # LM vote weights tried on the validation set: 0 to 1.5
+from .training import load_base
 
 # -- turning texts into padded batches ----------------------------------------------------------------
 
@@ -294,67 +233,27 @@ def layer_groups(model: RNNModel) -> list[list[torch.nn.Parameter]]:
     return groups
 
 
-def make_grouped_optimizer(model: RNNModel, config: ClassifyConfig, fine_tune: bool,
-                           device: torch.device) -> torch.optim.AdamW:
-    """AdamW with one learning-rate scale per layer group (lower layers slower when fine-tuning)."""
-    groups = layer_groups(model)
-    param_groups = []
-    for depth, params in enumerate(reversed(groups)):
-        scale = config.lr_decay ** -depth if fine_tune else 1.0
-        decay = [p for p in params if p.ndim >= 2 and p is not model.encoder.embedding.weight]
-        rest = [p for p in params if not any(p is d for d in decay)]
-        param_groups += [{"params": decay, "weight_decay": config.weight_decay, "lr_scale": scale},
-                         {"params": rest, "weight_decay": 0.0, "lr_scale": scale}]
-    return torch.optim.AdamW([g for g in param_groups if g["params"]], lr=config.lr, betas=(0.9, 0.99),
-                             fused=device.type == "cuda")
+def scaled_groups(model: RNNModel, lr_decay: float, fine_tune: bool) -> list[tuple[list[torch.nn.Parameter], float]]:
+    """Layer groups from the top down, each with its learning-rate scale: lower layers slower when fine-tuning."""
+    return [(params, lr_decay ** -depth if fine_tune else 1.0) for depth, params in enumerate(reversed(layer_groups(model)))]
 
 
-# -- the training loop --------------------------------------------------------------------------------------
+# -- the trainer ------------------------------------------------------------------------------------------
 
-@dataclass
-class _Position:
-    step: int = 0
-    epoch: int = 0
-    index: int = 0
-    elapsed: float = 0.0
-    best_accuracy: float = -1.0
-    best_loss: float = math.inf
-    best_step: int = 0
-    evals_since_best: int = 0
-
-
-@dataclass
-class ClassifyResult:
-    run_dir: Path
-    steps: int
-    elapsed: float
-    stopped: str
-    best_val: dict[str, Any] = field(default_factory=dict)
-    last_val: dict[str, Any] = field(default_factory=dict)
-    train_loss: float | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"run_dir": str(self.run_dir), "steps": self.steps, "seconds": round(self.elapsed, 2),
-                "stopped": self.stopped, "train_loss": self.train_loss, "best": self.best_val,
-                "last": self.last_val}
-
-
-class ClassifierTrainer:
+class ClassifierTrainer(TrainLoop):
     """Trains the classifier head (and the encoder, and the LM head with --lm-weight) into ``run_dir``."""
+
+    CONFIG_KEY = "classify_config"
 
     def __init__(self, model: RNNModel, tokenizer: Tokenizer, train: Encoded, val: Encoded,
                  config: ClassifyConfig, run_dir: Path, meta: dict[str, Any], device: torch.device,
                  fine_tune: bool, callback: Callable[[TrainEvent], None] | None = None,
-                 stop: threading.Event | None = None) -> None:
-        self.model, self.tokenizer, self.train, self.val = model.to(device), tokenizer, train, val
-        self.config, self.run_dir, self.meta, self.device, self.fine_tune = config, run_dir, meta, device, fine_tune
-        self.callback = callback or (lambda event: None)
-        self.stop = stop or threading.Event()
-        self.bf16 = use_bf16(device, config.precision)
-        self.optimizer = make_grouped_optimizer(model, config, fine_tune, device)
-        self.average = WeightAverage(model, config.ema) if config.ema > 0 else None
-        self.groups = layer_groups(model)
-        self.pos = _Position()
+                 stop: threading.Event | None = None, resumed: bool = False) -> None:
+        super().__init__(model, tokenizer, config, run_dir, meta, device, callback, stop,
+                         scaled=scaled_groups(model, config.lr_decay, fine_tune))
+        self.config: ClassifyConfig = config
+        self.train, self.val, self.fine_tune, self.resumed = train, val, fine_tune, resumed
+        self.groups = layer_groups(self.model)
         self.lengths = [len(s) for s in train.inputs]
         self._epoch_cache: tuple[int, list[np.ndarray], np.ndarray] = (-1, [], np.zeros(0, bool))
         self.unlabelled_start = np.asarray(start_ids(tokenizer), dtype=np.int64)
@@ -363,7 +262,7 @@ class ClassifierTrainer:
         self.eval_every = config.eval_every or self.steps_per_epoch
         self.unfreeze_every = config.unfreeze_every or self.steps_per_epoch
         self.use_lm = config.lm_weight > 0 and bool(train.lm_inputs)
-        classes = model.classifier.classes  # type: ignore[union-attr]
+        classes = self.classes
         counts = np.bincount(train.targets, minlength=len(classes)).astype(float)
         weights = len(train) / (len(classes) * np.maximum(counts, 1)) if config.balance else np.ones(len(classes))
         self.class_weights = torch.tensor(weights, dtype=torch.float32, device=device)
@@ -374,13 +273,19 @@ class ClassifierTrainer:
         if len(self.char_lengths) < model.config.vocab_size:  # label tokens stand for no characters
             missing = model.config.vocab_size - len(self.char_lengths)
             self.char_lengths = np.concatenate([self.char_lengths, np.zeros(missing, self.char_lengths.dtype)])
-        self.train_loss: float | None = None
-        self.best_val: dict[str, Any] = {}
-        self.last_val: dict[str, Any] = {}
 
-    def _emit(self, kind: str, **fields: Any) -> None:
-        self.callback(TrainEvent(kind, self.pos.step, self.max_steps, self.pos.elapsed, self.config.max_time,
-                                 **fields))
+    @property
+    def classes(self) -> list[str]:
+        return self.model.classifier.classes  # type: ignore[union-attr]
+
+    def headline(self) -> str:
+        t = self.meta.get("training", {})
+        base = t.get("base")
+        return (f"{'resuming at step ' + str(self.pos.step) if self.resumed else 'training'} a classifier on "
+                f"{t.get('data')}: {len(self.classes)} classes, {len(self.train):,} training / {len(self.val):,} "
+                f"validation texts ({t.get('duplicates_removed', 0):,} duplicates removed), "
+                f"{'fine-tuning ' + str(base) if base else 'from scratch'}, {self.model.num_parameters():,} "
+                f"parameters, device {self.device.type}, into {self.run_dir}")
 
     def _set_trainable(self) -> None:
         """Gradual unfreezing: the heads first, then one more layer group downwards every few steps."""
@@ -410,16 +315,12 @@ class ClassifierTrainer:
         return [np.concatenate([self.unlabelled_start, self.train.lm_inputs[i][1:]]) if unlabelled[i]
                 else self.train.lm_inputs[i] for i in idx]
 
-    def _train_step(self) -> float:
+    def compute_loss(self) -> torch.Tensor:
         pos, config = self.pos, self.config
         if pos.index >= len(self._batches(pos.epoch)):
             pos.epoch, pos.index = pos.epoch + 1, 0
         idx = self._batches(pos.epoch)[pos.index]
         self._set_trainable()
-        progress = max(pos.step / self.max_steps, pos.elapsed / config.max_time if config.max_time else 0.0)
-        base = lr_at(config, pos.step, progress)  # type: ignore[arg-type]
-        for group in self.optimizer.param_groups:
-            group["lr"] = base * group["lr_scale"]
         tokens, lengths = pad([self.train.inputs[i] for i in idx])
         if config.token_dropout > 0:
             tokens = drop_tokens(tokens, config.token_dropout, len(self.unlabelled_start), self.tokenizer.unk_id)
@@ -434,14 +335,7 @@ class ClassifierTrainer:
                 lm_logits, _ = self.model(x.to(self.device))
             loss = loss + config.lm_weight * F.cross_entropy(lm_logits.float().flatten(0, 1),
                                                              y.to(self.device).flatten(), ignore_index=-100)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip)
-        self.optimizer.step()
-        if self.average is not None:
-            self.average.update()
-        pos.step, pos.index = pos.step + 1, pos.index + 1
-        return loss.item()
+        return loss
 
     def evaluate(self) -> dict[str, Any]:
         """Validation metrics; with the LM's vote, of the weight that classifies the most texts right (the
@@ -462,114 +356,47 @@ class ClassifierTrainer:
             val.update(lm_loss(self.model, self.val.lm_inputs, self.char_lengths, self.device, bf16=self.bf16))
         return val
 
-    def _trainer_state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-        groups, tensors = optimizer_to_saved(self.optimizer)
-        tensors["rng.cpu"] = torch.get_rng_state()
-        if self.average is not None:
-            tensors.update(self.average.state())
-        return ({"position": vars(self.pos).copy(), "optimizer_groups": groups, "classify_config": to_dict(self.config),
-                 "fine_tune": self.fine_tune, **self.meta.get("resume", {})}, tensors)
-
-    def restore(self, state: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
-        self.pos = _Position(**state["position"])
-        optimizer_from_saved(self.optimizer, state["optimizer_groups"], tensors, self.device)
-        torch.set_rng_state(tensors["rng.cpu"])
-        if self.average is not None:
-            self.average.load(tensors, self.pos.step)
-
-    def _meta(self) -> dict[str, Any]:
-        brief = lambda v: {k: x for k, x in v.items() if k not in ("per_class", "confusion")}  # noqa: E731
-        return {"training": {**self.meta.get("training", {}), "step": self.pos.step,
-                             "seconds": round(self.pos.elapsed, 1), "best_step": self.pos.best_step,
-                             "best_val": brief(self.best_val), "last_val": brief(self.last_val)},
-                "classify": {"max_len": self.config.max_len, "config": to_dict(self.config),
-                             "lm_vote": self.last_val.get("lm_vote", 0.0), "log_prior": self.log_prior}}
-
-    def save_last(self) -> None:
-        state, tensors = self._trainer_state()
-        save_checkpoint(self.run_dir / LAST, self.model, self.tokenizer, self._meta(), state, tensors)
-
-    def _evaluate_and_save(self) -> bool:
-        pos = self.pos
-        with averaged(self.average):
-            val = self.evaluate()
-        self.last_val = val
+    def take_if_best(self, val: dict[str, Any]) -> bool:
         # Higher accuracy wins; at equal accuracy (often 1.0 on easy data) a lower loss, the LM's included,
         # so the language model keeps improving the checkpoint that is kept.
         total = val["loss"] + self.config.lm_weight * val.get("lm_loss", 0.0)
-        improved = (val["accuracy"], -total) > (pos.best_accuracy, -pos.best_loss)
-        if improved:
-            pos.best_accuracy, pos.best_loss, pos.best_step, pos.evals_since_best = val["accuracy"], total, pos.step, 0
-            self.best_val = val
-        else:
-            pos.evals_since_best += 1
-        record = {k: v for k, v in val.items() if not isinstance(v, (dict, list))}
-        append_metrics(self.run_dir, {"step": pos.step, "seconds": round(pos.elapsed, 2),
-                                      "train_loss": self.train_loss, **{f"val_{k}": v for k, v in record.items()}})
-        if improved:
-            with averaged(self.average):
-                save_checkpoint(self.run_dir / BEST, self.model, self.tokenizer, self._meta())
-        self.save_last()
-        self._emit("eval", val=val, loss=self.train_loss)
-        return self.config.patience is not None and pos.evals_since_best >= self.config.patience
+        if (val["accuracy"], -total) <= (self.pos.best_accuracy, -self.pos.best_loss):
+            return False
+        self.pos.best_accuracy, self.pos.best_loss = val["accuracy"], total
+        return True
 
-    def run(self) -> ClassifyResult:
-        config = self.config
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        if self.pos.step == 0:
-            torch.manual_seed(config.seed)
-        self.model.train()
-        self._emit("start")
-        started = time.perf_counter() - self.pos.elapsed
-        stopped = "max_steps"
-        while self.pos.step < self.max_steps:
-            if self.stop.is_set():
-                stopped = "interrupted"
-                break
-            if config.max_time and self.pos.elapsed >= config.max_time:
-                stopped = "max_time"
-                break
-            loss = self._train_step()
-            self.pos.elapsed = time.perf_counter() - started
-            self.train_loss = loss if self.train_loss is None else 0.95 * self.train_loss + 0.05 * loss
-            self._emit("step", loss=self.train_loss, lr=self.optimizer.param_groups[0]["lr"])
-            if self.pos.step % self.eval_every == 0 and self._evaluate_and_save():
-                stopped = "early_stop"
-                break
-        if stopped == "interrupted":
-            self.save_last()
-        elif self.pos.step % self.eval_every != 0 or not self.last_val:
-            self._evaluate_and_save()
-        self._emit("end", message=stopped)
-        return ClassifyResult(self.run_dir, self.pos.step, self.pos.elapsed, stopped, self.best_val,
-                              self.last_val, self.train_loss)
+    def extra_state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        return {"fine_tune": self.fine_tune}, {}
+
+    def extra_meta(self) -> dict[str, Any]:
+        return {"classify": {"max_len": self.config.max_len, "config": to_dict(self.config),
+                             "lm_vote": self.last_val.get("lm_vote", 0.0), "log_prior": self.log_prior}}
 
 
 # -- assembling a run ---------------------------------------------------------------------------------------
 
 def prepare_classifier(data_paths: Sequence[str], out: str | Path, base: str | None = None,
-                       resume: bool = False, bidirectional: bool = False, model_options: dict[str, Any] | None = None,
-                       tokenizer_options: dict[str, Any] | None = None, read_options: dict[str, Any] | None = None,
-                       callback: Callable[[TrainEvent], None] | None = None, stop: threading.Event | None = None,
-                       **options: Any) -> ClassifierTrainer:
-    """A ClassifierTrainer for a new run (from scratch, or fine-tuning ``base``), or resuming ``out``."""
+                       resume: bool = False, callback: Callable[[TrainEvent], None] | None = None,
+                       stop: threading.Event | None = None, **options: Any) -> ClassifierTrainer:
+    """A ClassifierTrainer for a new run (from scratch, or fine-tuning ``base``), or resuming ``out``.
+
+    ``options``: the fields of ModelConfig (``hidden``, ``bidirectional``, ...), TokenizerConfig, ReadConfig
+    (how the data is read: ``text_columns``, ``label_column``, ...) and ClassifyConfig."""
     run_dir = Path(out)
+    # TokenizerConfig first: its vocab_size is the one a user sets (the model's follows from the tokenizer).
+    tokenizer_options, model_options, read_options, run_options = split_options(
+        options, TokenizerConfig, ModelConfig, ReadConfig, ClassifyConfig, what="classifier option")
     if resume:
-        return _prepare_resume(run_dir, data_paths, options, callback, stop)
-    if has_run(run_dir):
-        raise InputError(f"{run_dir} already holds a training run; pass --resume to continue it, "
-                         "or choose another --out")
-    config = ClassifyConfig(**{k: v for k, v in options.items() if v is not None})
-    read_options = {k: v for k, v in (read_options or {}).items() if v is not None}
-    data = read_labelled(list(data_paths), **read_options)
+        return _prepare_resume(run_dir, data_paths, run_options, callback, stop)
+    refuse_existing_run(run_dir)
+    config = ClassifyConfig(**run_options)
+    data = read_labelled(list(data_paths), **to_dict(ReadConfig(**read_options)))
     train_set, val_set = stratified_split(data, config.val_fraction, config.seed)
     classes = data.classes
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)
-    model_options = {k: v for k, v in (model_options or {}).items() if v is not None}
-    tokenizer_options = {k: v for k, v in (tokenizer_options or {}).items() if v is not None}
     if base:
-        if bidirectional:
+        if model_options.get("bidirectional"):
             raise InputError(f"--bidirectional shapes a new model, but --from fine-tunes {base} as it is; "
                              "drop it, or train from scratch without --from")
         model, tokenizer, _ = load_base(base, model_options, tokenizer_options)
@@ -577,10 +404,10 @@ def prepare_classifier(data_paths: Sequence[str], out: str | Path, base: str | N
         if model.classifier is not None and model.classifier.classes != classes:
             del model.heads["classifier"]  # a new task: a new head
     else:
-        tok = tokenizer_options
-        tokenizer = fit_tokenizer(iter(["\n".join(train_set.texts) + "\n"]), tok.get("tokenizer", "char"),
-                                  tok.get("vocab_size", 2000), tok.get("min_char_count", 1))
-        model = RNNModel(ModelConfig(vocab_size=tokenizer.vocab_size, bidirectional=bidirectional, **model_options))
+        tok = TokenizerConfig(**tokenizer_options)
+        tokenizer = fit_tokenizer(iter(["\n".join(train_set.texts) + "\n"]), tok.tokenizer, tok.vocab_size,
+                                  tok.min_char_count)
+        model = RNNModel(ModelConfig(vocab_size=tokenizer.vocab_size, **model_options))
     if config.lm_weight > 0 and not model.config.bidirectional:
         model = model.with_label_tokens(classes)
     if model.classifier is None:
@@ -588,6 +415,7 @@ def prepare_classifier(data_paths: Sequence[str], out: str | Path, base: str | N
     train_enc = encode_data(train_set, tokenizer, model.config, classes, config.max_len)
     val_enc = encode_data(val_set, tokenizer, model.config, classes, config.max_len)
     meta = {"training": {"task": "classify", "data": ", ".join(str(p) for p in data_paths),
+                         "corpus": ", ".join(str(p) for p in data_paths),
                          "examples": len(train_set), "val_examples": len(val_set), "classes": classes,
                          "duplicates_removed": train_set.duplicates_removed, "skipped": dict(data.skipped),
                          "unknown_characters": train_enc.unknown + val_enc.unknown,
@@ -598,33 +426,17 @@ def prepare_classifier(data_paths: Sequence[str], out: str | Path, base: str | N
                              fine_tune=bool(base), callback=callback, stop=stop)
 
 
-READ_OPTIONS = ("fmt", "text_columns", "label_column", "header", "encoding", "skip_bad_rows")  # of read_labelled
-
-
 def train_classifier_from_options(data_paths: Sequence[str], out: str | Path, base: str | None = None,
-                                  resume: bool = False, bidirectional: bool = False, **options: Any) -> ClassifyResult:
-    """Python API entry point: ``options`` are ClassifyConfig's fields and the model's, tokenizer's and
-    reader's options (``hidden``, ``tokenizer``, ``text_columns``, ...), sorted out here; trains to the end."""
-    def pick(names: Collection[str]) -> dict[str, Any]:
-        return {k: options.pop(k) for k in list(options) if k in names}
-
-    model_options, tokenizer_options, read_options = pick(MODEL_FIELDS), pick(TOKENIZER_FIELDS), pick(READ_OPTIONS)
-    unknown = set(options) - set(ClassifyConfig.__dataclass_fields__)
-    if unknown:
-        raise InputError(f"unknown classifier option(s): {', '.join(sorted(unknown))}")
-    trainer = prepare_classifier(data_paths, out, base=base, resume=resume, bidirectional=bidirectional,
-                                 model_options=model_options, tokenizer_options=tokenizer_options,
-                                 read_options=read_options, **options)
-    with run_lock(trainer.run_dir):
-        return trainer.run()
+                                  resume: bool = False, **options: Any) -> RunResult:
+    """Python API entry point (``options``: see ``prepare_classifier``): trains to the end. Ctrl-C or SIGTERM
+    stop it after saving (``stopped == "interrupted"``), as in the CLI."""
+    return run_to_end(prepare_classifier(data_paths, out, base=base, resume=resume, **options))
 
 
 def _prepare_resume(run_dir: Path, data_paths: Sequence[str], overrides: dict[str, Any],
                     callback: Callable[[TrainEvent], None] | None,
                     stop: threading.Event | None) -> ClassifierTrainer:
-    last = run_dir / LAST
-    if not (last / "config.json").is_file():
-        raise InputError(f"nothing to resume in {run_dir} (no {LAST}/ checkpoint); start a new run instead")
+    last = resume_point(run_dir)
     state, tensors = load_trainer_state(last)
     if "classify_config" not in state:
         raise InputError(f"{run_dir} is a language-model run; resume it with `rnngen train --resume`")
@@ -634,8 +446,7 @@ def _prepare_resume(run_dir: Path, data_paths: Sequence[str], overrides: dict[st
     if len(data) != saved["examples"]:
         raise InputError("the labelled data differs from the data this run was trained on; resume with the "
                          "same files, or start a new run with another --out")
-    config = ClassifyConfig(**{**from_dict(ClassifyConfig, state["classify_config"]).__dict__,
-                               **{k: v for k, v in overrides.items() if v is not None}})
+    config = replace(from_dict(ClassifyConfig, state["classify_config"]), **overrides)
     device = resolve_device(config.device)
     model, tokenizer, ckpt, _ = load_checkpoint(last, device)
     train_set, val_set = stratified_split(data, config.val_fraction, config.seed)
@@ -646,7 +457,7 @@ def _prepare_resume(run_dir: Path, data_paths: Sequence[str], overrides: dict[st
                          if k not in ("step", "seconds", "best_step", "best_val", "last_val")},
             "resume": {"data": saved}}
     trainer = ClassifierTrainer(model, tokenizer, train_enc, val_enc, config, run_dir, meta, device,
-                                fine_tune=state["fine_tune"], callback=callback, stop=stop)
+                                fine_tune=state["fine_tune"], callback=callback, stop=stop, resumed=True)
     trainer.restore(state, tensors)
     trainer.best_val = dict(ckpt.get("training", {}).get("best_val") or {})
     return trainer

@@ -1,20 +1,28 @@
-"""The `rnngen` command: a thin click layer over the library. torch is imported only by commands that use it."""
+"""The `rnngen` command: a thin click layer over the library that parses and renders, nothing more.
+
+torch is imported only by the commands that use it. Options that set a configuration field are generated
+from the field (config.py): its name, its help and its default are written once, there.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import sys
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any, NoReturn
 
 import click
 
-from . import __version__
+from .config import ClassifyConfig, ModelConfig, TokenizerConfig, TrainConfig, flag
+from .version import __version__
 
 LONG_PROMPT_CHARS = 100_000  # `rnngen sample` shows a bar while it reads a longer prompt (seconds on a CPU)
 SAMPLE_LENGTH = 200  # tokens shown at each evaluation of `rnngen train` when a person is watching
+FINAL_SAMPLE = 300  # tokens of the sample printed when `rnngen train` ends
 
 EXAMPLES = {
     "train": "rnngen train                       # the built-in corpus (Python's help pages)\n"
@@ -48,8 +56,9 @@ def _check_top_p(ctx: click.Context, param: click.Parameter, value: float | None
 class RnngenGroup(click.Group):
     """Turns every error into one line on stderr and an exit status (no traceback unless --debug)."""
 
+    debug = os.environ.get("RNNGEN_DEBUG") == "1"  # --debug sets it for the command being run
+
     def main(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
-        debug = "--debug" in sys.argv[1:] or os.environ.get("RNNGEN_DEBUG") == "1"
         try:
             return super().main(*args, standalone_mode=False, **kwargs)  # type: ignore[call-overload]
         except click.exceptions.Exit as exc:
@@ -70,7 +79,7 @@ class RnngenGroup(click.Group):
         except Exception as exc:
             from .errors import RnngenError
 
-            if debug:
+            if self.debug:
                 raise
             if isinstance(exc, RnngenError):
                 _error(str(exc))
@@ -107,45 +116,123 @@ def _exit_after_error(code: int) -> NoReturn:
     sys.exit(code if _rank() == 0 else 0)
 
 
+def _set_debug(ctx: click.Context, param: click.Parameter, value: bool) -> bool:
+    if value:
+        RnngenGroup.debug = True
+    return value
+
+
 @click.group(cls=RnngenGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="rnngen")
-@click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
-def main(debug: bool) -> None:
+@click.option("--debug", is_flag=True, expose_value=False, is_eager=True, callback=_set_debug,
+              help="Show full tracebacks on errors.")
+def main() -> None:
     """Train recurrent language models on your own text, then generate from them."""
 
 
-def model_options(command: Any) -> Any:
-    """The options that shape a new model and its tokenizer (shared by `train` and `classify train`)."""
-    for option in reversed([
-        click.option("--arch", type=click.Choice(["lstm", "gru", "rnn"]), help="Recurrent cell [default: lstm]."),
-        click.option("--layers", type=int, help="Recurrent layers [default: 2]."),
-        click.option("--hidden", type=int, help="Hidden units per layer [default: 256]."),
-        click.option("--emb-dim", type=int, help="Embedding size [default: 64]."),
-        click.option("--dropout", type=float, help="Dropout between layers and before the output [default: 0.1]."),
-        click.option("--emb-dropout", type=float, help="Dropout on embeddings [default: 0]."),
-        click.option("--weight-drop", type=float,
-                     help="Dropout on the hidden-to-hidden weights while training (DropConnect) [default: 0]."),
-        click.option("--tie-weights", is_flag=True, default=None, help="Share embedding and output matrices."),
-        click.option("--tokenizer", type=click.Choice(["char", "bpe", "unigram"]), help="[default: char]"),
-        click.option("--vocab-size", type=int, help="Subword vocabulary size for bpe/unigram [default: 2000]."),
-        click.option("--min-char-count", type=int,
-                     help="Fold characters seen fewer times into <unk> [default: 1]."),
-    ]):
-        command = option(command)
-    return command
+# -------------------------------------------------------------------------------------- shared pieces
+def _default_text(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value).lower() if isinstance(value, bool) else str(value)
 
 
-def optimizer_options(command: Any) -> Any:
-    """The optimiser's options that `train` and `classify train` share (same names, same defaults)."""
-    for option in reversed([
-        click.option("--warmup-steps", type=int, help="Linear warm-up steps [default: 50]."),
-        click.option("--weight-decay", type=float, help="AdamW weight decay [default: 0.01]."),
-        click.option("--grad-clip", type=float, help="Gradient norm clip [default: 1.0]."),
-        click.option("--ema", type=float, help="Evaluate and keep a moving average of the weights with this "
-                                               "decay, e.g. 0.999 (0 = off) [default: 0]."),
-    ]):
-        command = option(command)
-    return command
+def _field_option(f: dataclasses.Field) -> Callable[[Any], Any]:
+    """The click option of a configuration field (see config.option); flags default to off."""
+    meta, kind = f.metadata, str(f.type).replace(" | None", "")
+    decls = [flag(f.name), *([meta["short"]] if "short" in meta else [])]
+    if kind == "bool":
+        return click.option(*decls, is_flag=True, default=None, help=meta["help"])
+    shown = meta.get("shown", _default_text(f.default))
+    kind_type = click.Choice(meta["choices"]) if "choices" in meta else {"int": int, "float": float, "str": str}[kind]
+    return click.option(*decls, type=kind_type, default=None, metavar=meta.get("metavar"),
+                        help=f"{meta['help']} [default: {shown}]")
+
+
+def config_options(cls: type, skip: Collection[str] = (), **special: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """The options of a configuration class's fields (none for internal ones or those in ``skip``); a field named
+    in ``special`` gets that option instead. Unset options arrive as None: the configuration's default applies."""
+    def decorate(command: Any) -> Any:
+        for f in reversed(dataclasses.fields(cls)):
+            if f.name in skip or f.metadata.get("cli") is False:
+                continue
+            command = (special[f.name] if f.name in special else _field_option(f))(command)
+        return command
+    return decorate
+
+
+def _load(checkpoint: str, device: str = "cpu") -> Any:
+    """The LoadedModel of CHECKPOINT on --device."""
+    from .loaded import LoadedModel
+    from .runtime import resolve_device
+
+    return LoadedModel.load(checkpoint, device=str(resolve_device(device)))
+
+
+def _read_stdin(what: str) -> str:
+    """All of stdin as UTF-8 text (a byte-order mark dropped); bad or empty input is an InputError."""
+    from .errors import InputError
+
+    try:
+        text = sys.stdin.buffer.read().decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{what} on stdin is not valid UTF-8 at byte {exc.start}; convert it to UTF-8") from None
+    if not text:
+        raise InputError(f"read nothing from stdin, where {what} was to come from; pipe the text in")
+    return text
+
+
+def _read_text_file(path: str, what: str = "prompt file", stdin: bool = True) -> str:
+    """The text of a file (``-``: stdin, where ``stdin`` allows), exactly as it is; bad or empty input is an
+    InputError."""
+    from .corpora import check_readable_file, iter_file_text
+    from .errors import InputError
+
+    if path == "-" and not stdin:
+        raise InputError(f"the {what} cannot come from stdin, which carries the conversation; pass a file")
+    if path != "-":
+        return "".join(iter_file_text(check_readable_file(path, what)))
+    return _read_stdin(f"the {what.replace(' file', '')}")
+
+
+def _warn_unknown(gen: Any, text: str, what: str) -> None:
+    """Warn of characters the model will read as <unk> (all of them unknown is an error, raised when read)."""
+    from . import console
+
+    unknown = gen.unknown_characters(text)
+    if 0 < unknown < len(text):
+        console.warn(f"{unknown} character(s) of {what} are not in the model's vocabulary; read as <unk>")
+
+
+def _default_out(corpus: tuple[str, ...], suffix: str = "") -> str:
+    """checkpoints/NAME, or NAME-2, NAME-3... if taken."""
+    name = Path(corpus[0]).stem if corpus else "builtin"
+    base = Path("checkpoints") / ((name or "run") + suffix)
+    candidate, n = base, 1
+    while candidate.exists() and any(candidate.iterdir()):
+        n += 1
+        candidate = base.with_name(f"{base.name}-{n}")
+    return str(candidate)
+
+
+def _train_until_done(trainer: Any, quiet: bool) -> Any:
+    """Run a trainer to its end (lock, signals: see loop.run_to_end) under a progress display; under torchrun
+    only rank 0 shows anything."""
+    from . import console
+    from .loop import run_to_end
+
+    progress = console.TrainProgress(shown=not quiet, warnings=trainer.dist.is_main)
+    trainer.callback = progress.update
+    with progress:
+        return run_to_end(trainer)
+
+
+def _stopped_note(result: Any, resume_command: str) -> bool:
+    """Say how to continue an interrupted run; True if it was interrupted."""
+    from . import console
+
+    if result.stopped != "interrupted":
+        return False
+    console.note(f"stopped at step {result.steps}, saved; continue with: {resume_command}")
+    return True
 
 
 # ---------------------------------------------------------------------------------------------- train
@@ -156,32 +243,12 @@ def optimizer_options(command: Any) -> Any:
 @click.option("--from", "base", type=click.Path(), metavar="CHECKPOINT",
               help="Fine-tune this trained model on CORPUS (its network and vocabulary; new characters are "
                    "added) instead of starting from scratch.")
-@model_options
-@click.option("--batch-size", "-b", type=int, help="Sequences per batch [default: 64].")
-@click.option("--seq-len", type=int, help="Tokens per backpropagation window [default: 128].")
-@click.option("--state-reset", type=float,
-              help="Share of windows that start from a fresh state, not the carried one [default: 0.3].")
-@click.option("--lr", type=float, help="Peak learning rate [default: 0.002].")
-@click.option("--min-lr-ratio", type=float,
-              help="Where the cosine decay ends, as a share of --lr [default: 0.05].")
-@optimizer_options
-@click.option("--max-steps", type=int, help="Stop after this many steps [default: 1000].")
-@click.option("--max-time", type=float, help="Stop after this many seconds (the schedule fits it).")
-@click.option("--eval-every", type=int, help="Evaluate and checkpoint every N steps [default: 200].")
-@click.option("--eval-max-tokens", type=int, help="Cap on validation tokens per evaluation [default: all].")
-@click.option("--patience", type=int, help="Stop after N evaluations without improvement [default: off].")
-@click.option("--save-every", type=int, help="Also save the resume checkpoint every N steps.")
-@click.option("--val-fraction", type=float, help="Share of the corpus (from the end) held out [default: 0.1].")
-@click.option("--seed", type=int, help="Random seed [default: 1337].")
-@click.option("--device", help="auto, cpu, cuda or mps [default: auto].")
-@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]),
-              help="Compute precision; auto = bf16 on CUDA and on CPUs with native bf16 [default: auto].")
+@config_options(ModelConfig, skip=("bidirectional",))
+@config_options(TokenizerConfig)
+@config_options(TrainConfig)
 @click.option("--encoding", default="utf-8", show_default=True, help="Text encoding of the corpus files.")
 @click.option("--errors", type=click.Choice(["strict", "replace", "ignore"]), default="strict", show_default=True,
               help="What to do with undecodable bytes.")
-@click.option("--sample-length", type=click.IntRange(min=0),
-              help="Show this many tokens sampled from the model at each evaluation (0: none) "
-                   "[default: 200; 0 with --quiet or --json].")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or sample.")
 @click.option("--json", "as_json", is_flag=True, help="Print the final metrics as one JSON object on stdout.")
 def train(corpus: tuple[str, ...], out: str | None, resume: bool, base: str | None, encoding: str, errors: str,
@@ -192,54 +259,38 @@ def train(corpus: tuple[str, ...], out: str | None, resume: bool, base: str | No
     Writes best/ and last/ checkpoints and metrics.jsonl into --out. Ctrl-C stops after saving;
     --resume continues where it stopped. --from starts from a trained model instead of from scratch.
     """
-    import threading
-
     from . import console
     from .distributed import session
-    from .train import prepare_run
+    from .training import prepare_run
 
     if resume and not out:
         raise click.UsageError("--resume needs --out DIR, the run to continue")
     out = out or _default_out(corpus)
-    options = {k: v for k, v in options.items() if v is not None}
-    stop = threading.Event()
     with session() as dist:  # several processes under torchrun: only rank 0 shows anything
-        quiet = quiet or not dist.is_main
-        if "sample_length" not in options:  # samples are for a person watching the progress bar
-            options["sample_length"] = 0 if quiet or as_json else SAMPLE_LENGTH
-        progress = console.TrainProgress(enabled=not (quiet or as_json))
-        trainer = prepare_run(list(corpus), out, resume=resume, encoding=encoding, errors=errors,
-                              callback=progress.update if dist.is_main else None, stop=stop, dist=dist, base=base,
-                              **options)
-        what = trainer.meta.get("training", {}).get("corpus", "")
+        quiet = quiet or as_json or not dist.is_main
+        if options["sample_length"] is None:  # samples are for a person watching the progress bar
+            options["sample_length"] = 0 if quiet else SAMPLE_LENGTH
+        trainer = prepare_run(list(corpus), out, resume=resume, encoding=encoding, errors=errors, dist=dist,
+                              base=base, **options)
         if base and not quiet:
             _note_fine_tune(trainer.meta["training"], base)
-        processes = f" x {dist.world_size} processes" if dist.enabled else ""
-        headline = (f"{'resuming at step ' + str(trainer.pos.step) if resume else 'training'} on {what}: "
-                    f"{trainer.model.num_parameters():,} parameters, {len(trainer.split.tokens):,} tokens, "
-                    f"device {trainer.device.type}{processes}, {'bf16' if trainer.bf16 else 'fp32'}, into {out}")
-        result = _run_trainer(trainer, progress, stop, None if quiet or as_json else headline, dist)
+        result = _train_until_done(trainer, quiet)
     if not dist.is_main:
         return
     if as_json:
         click.echo(json.dumps(result.to_dict()))
         return
-    if result.stopped == "interrupted":
-        launcher = "torchrun [the same options] -m " if dist.enabled else ""
-        console.note(f"stopped at step {result.steps}, saved; continue with: "
-                     f"{launcher}rnngen train --resume --out {out}")
+    launcher = "torchrun [the same options] -m " if dist.enabled else ""
+    if _stopped_note(result, f"{launcher}rnngen train --resume --out {out}") or quiet:
         return
     best = result.best_val
-    if not quiet:
-        console.note(f"done ({result.stopped.replace('_', ' ')}) after {result.steps} steps, "
-                     f"{result.elapsed:.0f} s; best validation {best.get('loss', float('nan')):.4f} nats/token, "
-                     f"{best.get('bits_per_char', float('nan')):.3f} bits/char; saved in {out}")
-        from .generate import Generator
-
-        console.note(f"a sample (rnngen sample {out}):")
-        for piece in Generator.load(out).generate(length=300, temperature=0.8, seed=0):
-            console.stream(piece)
-        console.stream("\n")
+    console.note(f"done ({result.stopped.replace('_', ' ')}) after {result.steps} steps, {result.elapsed:.0f} s; "
+                 f"best validation {best.get('loss', float('nan')):.4f} nats/token, "
+                 f"{best.get('bits_per_char', float('nan')):.3f} bits/char; saved in {out}")
+    console.note(f"a sample (rnngen sample {out}):")
+    for piece in _load(out).generate(length=FINAL_SAMPLE, temperature=0.8, seed=0):
+        console.stream(piece)
+    console.stream("\n")
 
 
 def _note_fine_tune(training: dict[str, Any], base: str) -> None:
@@ -253,49 +304,6 @@ def _note_fine_tune(training: dict[str, Any], base: str) -> None:
     if training.get("unknown_tokens"):
         console.warn(f"{training['unknown_tokens']:,} character(s) of the corpus, rarer than --min-char-count, "
                      "are read as <unk>")
-
-
-def _run_trainer(trainer: Any, progress: Any, stop: Any, headline: str | None, dist: Any = None) -> Any:
-    """Run a trainer under its run lock, with the progress bar; Ctrl-C or SIGTERM stop it after saving."""
-    import signal
-    import time
-
-    from . import console
-    from .checkpoint import run_lock
-    from .distributed import Dist
-
-    dist = dist or Dist()
-    first_signal: list[float] = []
-
-    def request_stop(signum: int, frame: Any) -> None:
-        # Under torchrun a Ctrl-C reaches each process twice, from the terminal and from torchrun:
-        # there a second signal counts only when it comes more than a second after the first.
-        if stop.is_set() and not (dist.enabled and time.monotonic() - first_signal[0] < 1.0):
-            raise KeyboardInterrupt  # a second Ctrl-C: stop now
-        first_signal.append(time.monotonic())
-        stop.set()
-
-    previous = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        with dist.on_main(run_lock(trainer.run_dir)):
-            if headline:
-                console.note(headline)
-            with progress:
-                return trainer.run()
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-
-
-def _default_out(corpus: tuple[str, ...], suffix: str = "") -> str:
-    """checkpoints/NAME, or NAME-2, NAME-3... if taken."""
-    name = Path(corpus[0]).stem if corpus else "builtin"
-    base = Path("checkpoints") / ((name or "run") + suffix)
-    candidate, n = base, 1
-    while candidate.exists() and any(candidate.iterdir()):
-        n += 1
-        candidate = base.with_name(f"{base.name}-{n}")
-    return str(candidate)
 
 
 # --------------------------------------------------------------------------------------------- sample
@@ -332,74 +340,40 @@ def sample(checkpoint: str, prompt: str, prompt_file: str | None, length: int, t
     each under a header on stderr.
     """
     from . import console
+    from .chat import unescape
     from .config import SampleConfig
-    from .generate import Generator, make_generator
-    from .runtime import resolve_device
+    from .generate import random_stream
 
     if prompt and prompt_file is not None:
         raise click.UsageError("give --prompt or --prompt-file, not both")
-    gen = Generator.load(checkpoint, device=str(resolve_device(device)))
-    from .chat import unescape
-
+    gen = _load(checkpoint, device)
     prompt = unescape(prompt) if prompt_file is None else _read_text_file(prompt_file)
     _warn_unknown(gen, prompt, "the prompt")
-    temperatures = temperature or (0.8,)
-    from .generate import LABELLED_END
-
-    stops = tuple(unescape(s) for s in stop) or (LABELLED_END if label is not None else ())
-    configs = [SampleConfig(t, top_k, top_p, greedy, length, stops, seed) for t in temperatures]
-    rng = make_generator(seed, gen.device)  # one stream of randomness across all samples
+    configs = [SampleConfig.for_label(label, tuple(unescape(s) for s in stop), temperature=t, top_k=top_k,
+                                      top_p=top_p, greedy=greedy, length=length, seed=seed)
+               for t in temperature or (0.8,)]
+    rng = random_stream(seed, gen.device)  # one stream of randomness across all samples
     with console.reading("reading the prompt", shown=len(prompt) > LONG_PROMPT_CHARS and not as_json) as progress:
-        read = gen.start(prompt, label, guidance, progress)
-    start = read.copy  # a fresh cursor for each sample; the prompt is read once
+        read = gen.start(prompt, label, guidance, progress)  # the prompt is read once, each sample starts there
     if as_json:
         click.echo(json.dumps([{"temperature": c.temperature, "text": prompt + text} for c in configs
-                               for text in gen.continue_many(start(), num_samples, c, rng)]))
+                               for text in gen.continue_many(read.copy(), num_samples, c, rng)]))
         return
     many, shown = len(configs) * num_samples > 1, 0
     for config in configs:
         # One sample streams as it is generated; several are generated together, as one batch.
-        samples = ([gen.continue_from(start(), config, rng)] if num_samples == 1 else
-                   [[text] for text in gen.continue_many(start(), num_samples, config, rng)])
+        samples = ([gen.continue_from(read.copy(), config, rng)] if num_samples == 1 else
+                   [[text] for text in gen.continue_many(read.copy(), num_samples, config, rng)])
         for i, pieces in enumerate(samples):
             if many:
                 if shown:
                     console.stream("\n")
-                console.stderr.rule(f"temperature {config.temperature:g}, sample {i + 1}/{num_samples}",
-                                    characters="-", style="dim")
+                console.rule(f"temperature {config.temperature:g}, sample {i + 1}/{num_samples}")
             console.stream(prompt)
             for piece in pieces:
                 console.stream(piece)
             console.stream("\n")
             shown += 1
-
-
-def _warn_unknown(gen: Any, text: str, what: str) -> None:
-    """Warn of characters the model will read as <unk> (all of them unknown is an error, raised when read)."""
-    from . import console
-
-    unknown = gen.unknown_characters(text)
-    if 0 < unknown < len(text):
-        console.warn(f"{unknown} character(s) of {what} are not in the model's vocabulary; read as <unk>")
-
-
-def _read_text_file(path: str, what: str = "prompt file", stdin: bool = True) -> str:
-    """The text of a file (``-``: stdin, where ``stdin`` allows), exactly as it is; bad or empty input is an
-    InputError."""
-    from .corpora import check_readable_file, iter_file_text
-    from .errors import InputError
-
-    if path == "-" and not stdin:
-        raise InputError(f"the {what} cannot come from stdin, which carries the conversation; pass a file")
-    if path != "-":
-        return "".join(iter_file_text(check_readable_file(path, what)))
-    try:
-        text = sys.stdin.buffer.read().decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise InputError(f"the prompt on stdin is not valid UTF-8 at byte {exc.start}; convert it to UTF-8") from None
-    if not text:
-        raise InputError("--prompt-file - read nothing from stdin; pipe the prompt's text in")
-    return text
 
 
 # ----------------------------------------------------------------------------------------------- eval
@@ -417,11 +391,9 @@ def eval_(checkpoint: str, file: str, encoding: str, errors: str, device: str, a
     """
     from . import console
     from .corpora import resolve_corpus
-    from .generate import Generator
-    from .runtime import resolve_device
 
-    text = resolve_corpus([file], encoding, errors).read()
-    gen = Generator.load(checkpoint, device=str(resolve_device(device)))
+    text = resolve_corpus([file], encoding, errors, what="text file").read()
+    gen = _load(checkpoint, device)
     result = gen.evaluate(text)
     if result["unknown_characters"]:
         console.warn(f"{result['unknown_characters']} character(s) of {file} are not in the model's vocabulary")
@@ -432,63 +404,22 @@ def eval_(checkpoint: str, file: str, encoding: str, errors: str, device: str, a
     console.stdout.print(console.key_value_table({
         "nats/char": result["nats_per_char"], "bits/char": result["bits_per_char"],
         "nats/token": result["loss"], "perplexity (per token)": result["perplexity"],
-        "tokens scored": result["tokens"]}))
+        "tokens scored": result["tokens"]}), soft_wrap=True)
 
 
 # ----------------------------------------------------------------------------------------------- info
 @main.command()
 @click.argument("checkpoint", type=click.Path())
-@click.option("--json", "as_json", is_flag=True, help="Print config.json and the metrics history as JSON.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary shown (with the whole history) as JSON.")
 def info(checkpoint: str, as_json: bool) -> None:
     """Describe a CHECKPOINT: model, tokenizer, training history, best validation loss."""
     from . import console
-    from .checkpoint import read_metrics
-    from .generate import Generator
 
-    gen = Generator.load(checkpoint)
-    config, metrics = gen.config, read_metrics(gen.run_dir)
+    summary = _load(checkpoint).summary()
     if as_json:
-        click.echo(json.dumps({"directory": str(gen.directory), "config": config, "metrics": metrics}))
+        click.echo(json.dumps(summary, ensure_ascii=False))
         return
-    m, t = config["model"], config.get("training", {})
-    best = t.get("best_val") or {}
-    classifier = gen.model.classifier
-    tok = gen.tokenizer
-    vocab_preview = "".join(tok.decode([i]) for i in range(1, min(tok.vocab_size, 80)))
-    if classifier is not None and "accuracy" in best:
-        vote = config.get("classify", {}).get("lm_vote", 0.0)
-        best_text = (f"accuracy {best['accuracy']:.4f}, macro-F1 {best['macro_f1']:.4f}"
-                     + (f" (with the language model's vote, weight {vote:g})" if vote else ""))
-    else:
-        best_text = f"{best['loss']:.4f} nats/token, {best['bits_per_char']:.4f} bits/char" if best else "-"
-    console.stdout.print(f"[bold]{gen.directory}[/]")
-    console.stdout.print(console.key_value_table({
-        "model": f"{m['arch']} {m['layers']}x{m['hidden']}, embedding {m['emb_dim']}, dropout {m['dropout']}"
-                 f"{', tied' if m.get('tie_weights') else ''}{', bidirectional' if m.get('bidirectional') else ''}",
-        "parameters": f"{gen.model.num_parameters():,}",
-        "tokenizer": f"{tok.kind}, {tok.vocab_size} symbols",
-        "vocabulary": repr(vocab_preview) if tok.kind == "char" else "(subwords)",
-        **({"classes": f"{len(classifier.classes)}: {', '.join(classifier.classes)}"} if classifier else {}),
-        "corpus": t.get("corpus") or t.get("data") or "-",
-        **({"fine-tuned from": t["base"]} if t.get("base") else {}), "steps": t.get("step"),
-        "training time": f"{t.get('seconds', 0):.0f} s", "best step": t.get("best_step"),
-        "best validation": best_text, "written by": f"rnngen {config.get('rnngen_version', '?')}"}))
-    if metrics:
-        columns = {"train loss": "train_loss", "val loss": "val_loss", "bits/char": "val_bits_per_char"}
-        if any("val_accuracy" in r for r in metrics):
-            columns = {"train loss": "train_loss", "val loss": "val_loss", "val accuracy": "val_accuracy",
-                       "LM bits/char": "val_lm_bits_per_char"}
-        table = console.Table(title="history (metrics.jsonl)", title_justify="left")
-        for col in ("step", "seconds", *columns):
-            table.add_column(col, justify="right")
-        shown = metrics if len(metrics) <= 12 else metrics[:4] + metrics[-8:]
-        for r in shown:
-            table.add_row(str(r["step"]), f"{r['seconds']:.0f}", *(console.fmt(r.get(k)) for k in columns.values()))
-        console.stdout.print(table)
-    sampled = [r for r in metrics if r.get("sample") is not None]
-    if sampled:  # what the model wrote at its last evaluation (`rnngen train --sample-length`)
-        console.stdout.print(f"[bold]sample at step {sampled[-1]['step']}[/] (metrics.jsonl):")
-        console.stdout.print(console.Text(sampled[-1]["sample"].rstrip("\n")), soft_wrap=True)
+    console.info(summary)
 
 
 # ----------------------------------------------------------------------------------------------- plot
@@ -502,33 +433,9 @@ def plot(checkpoint: str, output: str) -> None:
     """
     from . import console
     from .checkpoint import read_metrics, resolve_checkpoint_dir, run_dir_of
-    from .errors import InputError
 
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise InputError("plotting needs matplotlib: pip install 'rnngen[plot]'") from None
     metrics = read_metrics(run_dir_of(resolve_checkpoint_dir(checkpoint)))
-    if not metrics:
-        raise InputError(f"{checkpoint} has no metrics.jsonl records to plot; train for at least one evaluation")
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
-    for ax, key, label in ((axes[0], "step", "step"), (axes[1], "seconds", "seconds")):
-        xs = [r[key] for r in metrics]
-        ax.plot(xs, [r.get("train_loss") for r in metrics], label="train (smoothed)")
-        ax.plot(xs, [r["val_loss"] for r in metrics], label="validation", marker=".")
-        ax.set_xlabel(label)
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("loss (nats/token)")
-    axes[0].legend()
-    fig.suptitle(str(checkpoint))
-    fig.tight_layout()
-    try:
-        fig.savefig(output, dpi=110)
-    except OSError as exc:
-        raise InputError(f"cannot write {output}: {exc.strerror}") from None
+    console.plot_curves(metrics, checkpoint, output)
     console.note(f"wrote {output}")
 
 
@@ -569,17 +476,14 @@ def chat(checkpoint: str, length: int, temperature: float, top_k: int | None, to
     Input history is kept in $XDG_STATE_HOME/rnngen/chat_history. With piped input it reads lines
     and writes each reply as plain text.
     """
+    from . import console
     from .chat import DEFAULT_STOP, ChatSession, unescape
     from .config import SampleConfig
-    from .generate import Generator
-    from .runtime import resolve_device
 
     stops = tuple(unescape(s) for s in stop) if stop else DEFAULT_STOP
-    config = SampleConfig(temperature, top_k, top_p, False, length, stops, seed)
-    from . import console
-
+    config = SampleConfig(temperature=temperature, top_k=top_k, top_p=top_p, length=length, stop=stops, seed=seed)
     primer = _read_text_file(context_file, "context file", stdin=False) if context_file else ""
-    gen = Generator.load(checkpoint, device=str(resolve_device(device)))
+    gen = _load(checkpoint, device)
     _warn_unknown(gen, primer, "the context")
     with console.reading("reading the context", shown=len(primer) > LONG_PROMPT_CHARS) as progress:
         session = ChatSession(gen, config, unescape(user_prefix), unescape(bot_prefix), primer, progress)
@@ -705,7 +609,7 @@ def data_options(command: Any) -> Any:
     return command
 
 
-def _vote(value: str | None) -> float | None:
+def _vote(ctx: click.Context, param: click.Parameter, value: str | None) -> float | None:
     """--lm-vote: a weight, or None for auto (not given, or 'auto')."""
     if value is None or value.strip().lower() == "auto":
         return None
@@ -717,12 +621,13 @@ def _vote(value: str | None) -> float | None:
 
 def _read_options(text_column: str, label_column: str, no_header: bool, fmt: str | None, encoding: str,
                   skip_bad_rows: bool) -> dict[str, Any]:
+    """The data options as ReadConfig's fields."""
     from .labelled import parse_columns
 
     label = parse_columns(label_column)
     if len(label) != 1:
         raise click.BadParameter("give one label column", param_hint="--label-column")
-    return {"text_columns": parse_columns(text_column), "label_column": label[0], "header": not no_header,
+    return {"text_columns": tuple(parse_columns(text_column)), "label_column": label[0], "header": not no_header,
             "fmt": fmt, "encoding": encoding, "skip_bad_rows": skip_bad_rows}
 
 
@@ -731,54 +636,26 @@ def classify() -> None:
     """Classify texts with the encoder a language model shares (train, predict, eval)."""
 
 
+_lm_vote_field = {f.name: f for f in dataclasses.fields(ClassifyConfig)}["lm_vote"]
+
+
 @classify.command(name="train")
 @click.argument("data", nargs=-1)
-@click.option("--from", "base", type=click.Path(), metavar="CHECKPOINT", help="Fine-tune the encoder of this language-model checkpoint.")
+@click.option("--from", "base", type=click.Path(), metavar="CHECKPOINT",
+              help="Fine-tune the encoder of this language-model checkpoint.")
 @click.option("--out", "-o", type=click.Path(file_okay=False), help="Run directory [default: checkpoints/NAME-cls].")
 @click.option("--resume", is_flag=True, help="Continue the run in --out exactly where it stopped.")
 @data_options
-@model_options
-@click.option("--bidirectional", is_flag=True, help="A bidirectional encoder (classifies, cannot generate).")
-@click.option("--batch-size", "-b", type=int, help="Texts per batch [default: 32].")
-@click.option("--lr", type=float, help="Peak learning rate of the top layers [default: 0.002].")
-@click.option("--lr-decay", type=float, help="Fine-tuning: each lower layer group learns this much slower "
-                                             "[default: 2.6].")
-@click.option("--unfreeze-every", type=int, help="Fine-tuning: unfreeze one more layer group every N steps "
-                                                 "[default: one epoch].")
-@optimizer_options
-@click.option("--max-epochs", type=int, help="Passes over the training texts [default: 10].")
-@click.option("--max-steps", type=int, help="Stop after this many steps (instead of --max-epochs).")
-@click.option("--max-time", type=float, help="Stop after this many seconds (the schedule fits it).")
-@click.option("--eval-every", type=int, help="Evaluate and checkpoint every N steps [default: every epoch].")
-@click.option("--patience", type=int, help="Stop after N evaluations without better accuracy [default: 3].")
-@click.option("--max-len", type=int, help="Tokens of each text read (its beginning) [default: 256].")
-@click.option("--val-fraction", type=float, help="Share of each class held out [default: 0.2].")
-@click.option("--balance", is_flag=True, default=None, help="Weight classes by inverse frequency.")
-@click.option("--lm-weight", type=float, help="Weight of the auxiliary language-model loss on the texts, which "
-                                              "keeps the model generating (0 = off) [default: 0.5].")
-@click.option("--label-dropout", type=float, help="Share of the language-model texts read without their label, "
-                                                  "so that `sample --guidance` works [default: 0.1].")
-@click.option("--head-dropout", type=float, help="Dropout before the classifier [default: 0.2].")
-@click.option("--token-dropout", type=float, help="Share of each training text's tokens read as <unk> by the "
-                                                  "classifier (word dropout) [default: 0].")
-@click.option("--lm-vote", callback=lambda ctx, param, value: _vote(value), metavar="WEIGHT|auto",
-              help="Weight of the language model's vote in classification: its log p(text | label) + log p(label), "
-                   "added to the head's log-probabilities [default: auto, chosen on the validation set; 0 = the "
-                   "head alone].")
-@click.option("--label-smoothing", type=float, help="Share of each training target spread evenly over all classes "
-                                                    "[default: 0].")
-@click.option("--seed", type=int, help="Random seed (also fixes the split) [default: 1337].")
-@click.option("--device", help="auto, cpu, cuda or mps [default: auto].")
-@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), help="[default: auto]")
+@config_options(ModelConfig)
+@config_options(TokenizerConfig)
+@config_options(ClassifyConfig, lm_vote=click.option(
+    "--lm-vote", callback=_vote, metavar=_lm_vote_field.metadata["metavar"],
+    help=f"{_lm_vote_field.metadata['help']} [default: {_lm_vote_field.metadata['shown']}]"))
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print the final metrics as one JSON object on stdout.")
 def classify_train(data: tuple[str, ...], base: str | None, out: str | None, resume: bool, text_column: str,
                    label_column: str, no_header: bool, fmt: str | None, encoding: str, skip_bad_rows: bool,
-                   arch: str | None, layers: int | None, hidden: int | None, emb_dim: int | None,
-                   dropout: float | None, emb_dropout: float | None, weight_drop: float | None,
-                   tie_weights: bool | None, tokenizer: str | None, vocab_size: int | None,
-                   min_char_count: int | None, bidirectional: bool, quiet: bool, as_json: bool,
-                   **options: Any) -> None:
+                   quiet: bool, as_json: bool, **options: Any) -> None:
     """Train a classifier on labelled DATA: CSV/TSV, JSONL, or a folder of class files or class folders.
 
     From scratch, or with --from fine-tuning a trained language model (its tokenizer is kept; lower
@@ -786,8 +663,6 @@ def classify_train(data: tuple[str, ...], base: str | None, out: str | None, res
     after its label's token, keeps the checkpoint generating: `rnngen sample CKPT --label NAME`.
     The split is stratified and de-duplicated; the best validation accuracy is kept in best/.
     """
-    import threading
-
     from . import console
     from .classify import prepare_classifier
 
@@ -796,46 +671,29 @@ def classify_train(data: tuple[str, ...], base: str | None, out: str | None, res
     if not data and not resume:
         raise click.UsageError("give the labelled data: a CSV/TSV/JSONL file or a folder")
     out = out or _default_out(data, suffix="-cls")
-    stop = threading.Event()
-    progress = console.TrainProgress(enabled=not (quiet or as_json))
-    trainer = prepare_classifier(
-        list(data), out, base=base, resume=resume, bidirectional=bidirectional,
-        model_options={"arch": arch, "layers": layers, "hidden": hidden, "emb_dim": emb_dim, "dropout": dropout,
-                       "emb_dropout": emb_dropout, "weight_drop": weight_drop, "tie_weights": tie_weights},
-        tokenizer_options={"tokenizer": tokenizer, "vocab_size": vocab_size, "min_char_count": min_char_count},
-        read_options=_read_options(text_column, label_column, no_header, fmt, encoding, skip_bad_rows),
-        callback=progress.update, stop=stop, **options)
+    trainer = prepare_classifier(list(data), out, base=base, resume=resume, **options,
+                                 **_read_options(text_column, label_column, no_header, fmt, encoding, skip_bad_rows))
     t = trainer.meta["training"]
-    if not (quiet or as_json):
+    quiet = quiet or as_json
+    if not quiet:
         if t.get("skipped"):
             console.warn(f"{sum(t['skipped'].values())} bad row(s) skipped: "
                          + ", ".join(f"{n} {why}" for why, n in t["skipped"].items()))
         if t.get("unknown_characters") and base:
             console.warn(f"{t['unknown_characters']} character(s) of the data are not in {base}'s vocabulary; "
                          "read as <unk>")
-    head = trainer.model.classifier
-    assert head is not None  # a classifier run always has its head
-    classes = head.classes
-    headline = (f"{'resuming at step ' + str(trainer.pos.step) if resume else 'training'} a classifier on "
-                f"{t.get('data')}: {len(classes)} classes, {len(trainer.train):,} training / {len(trainer.val):,} "
-                f"validation texts ({t.get('duplicates_removed', 0):,} duplicates removed), "
-                f"{'fine-tuning ' + str(base) if base else 'from scratch'}, {trainer.model.num_parameters():,} "
-                f"parameters, device {trainer.device.type}, into {out}")
-    result = _run_trainer(trainer, progress, stop, None if quiet or as_json else headline)
+    result = _train_until_done(trainer, quiet)
     if as_json:
         click.echo(json.dumps(result.to_dict()))
         return
-    if result.stopped == "interrupted":
-        console.note(f"stopped at step {result.steps}, saved; continue with: rnngen classify train --resume "
-                     f"--out {out}")
+    if _stopped_note(result, f"rnngen classify train --resume --out {out}") or quiet:
         return
     best = result.best_val
-    if not quiet:
-        console.note(f"done ({result.stopped.replace('_', ' ')}) after {result.steps} steps, {result.elapsed:.0f} s; "
-                     f"best validation accuracy {best.get('accuracy', float('nan')):.4f}, macro-F1 "
-                     f"{best.get('macro_f1', float('nan')):.4f}"
-                     + (f" (with the language model's vote, weight {best['lm_vote']:g})" if best.get("lm_vote") else "")
-                     + f"; saved in {out}")
+    console.note(f"done ({result.stopped.replace('_', ' ')}) after {result.steps} steps, {result.elapsed:.0f} s; "
+                 f"best validation accuracy {best.get('accuracy', float('nan')):.4f}, macro-F1 "
+                 f"{best.get('macro_f1', float('nan')):.4f}"
+                 + (f" (with the language model's vote, weight {best['lm_vote']:g})" if best.get("lm_vote") else "")
+                 + f"; saved in {out}")
 
 
 def _input_texts(texts: tuple[str, ...], file: str | None, encoding: str) -> list[str]:
@@ -844,9 +702,10 @@ def _input_texts(texts: tuple[str, ...], file: str | None, encoding: str) -> lis
 
     lines: list[str] = []
     for text in texts:
-        lines += [line for line in sys.stdin.read().splitlines() if line.strip()] if text == "-" else [text]
+        lines += [line for line in _read_stdin("the text").splitlines() if line.strip()] if text == "-" else [text]
     if file:
-        source = sys.stdin.read() if file == "-" else resolve_corpus([file], encoding, "strict").read()
+        source = _read_stdin("the text") if file == "-" else resolve_corpus([file], encoding, "strict",
+                                                                            what="text file").read()
         lines += [line for line in source.splitlines() if line.strip()]
     if not lines:
         raise click.UsageError("nothing to classify: give TEXT arguments, --file FILE, or - to read stdin")
@@ -872,10 +731,7 @@ def classify_predict(checkpoint: str, texts: tuple[str, ...], file: str | None, 
 
     Each line: the label, its probability, further classes with --top, then the text.
     """
-    from .generate import Generator
-    from .runtime import resolve_device
-
-    gen = Generator.load(checkpoint, device=str(resolve_device(device)))
+    gen = _load(checkpoint, device)
     inputs = _input_texts(texts, file, encoding)
     for text, result in zip(inputs, gen.classify(inputs, top=top, lm_vote=lm_vote)):
         if as_json:
@@ -897,15 +753,12 @@ def classify_eval(checkpoint: str, data: tuple[str, ...], text_column: str, labe
                   lm_vote: float | None) -> None:
     """Accuracy, macro-F1, per-class precision/recall and the confusion matrix of CHECKPOINT on DATA."""
     from . import console
-    from .classify import evaluate_classifier
-    from .generate import Generator
     from .labelled import read_labelled
-    from .runtime import resolve_device
 
-    gen = Generator.load(checkpoint, device=str(resolve_device(device)))
-    labelled = read_labelled(list(data), min_classes=1, **{k: v for k, v in _read_options(
-        text_column, label_column, no_header, fmt, encoding, skip_bad_rows).items() if v is not None})
-    result = evaluate_classifier(gen.model, gen.tokenizer, gen.config, labelled, gen.device, lm_vote)
+    gen = _load(checkpoint, device)
+    labelled = read_labelled(list(data), min_classes=1, **_read_options(
+        text_column, label_column, no_header, fmt, encoding, skip_bad_rows))
+    result = gen.evaluate_labelled(labelled, lm_vote)
     if as_json:
         click.echo(json.dumps(result))
         return
@@ -914,5 +767,5 @@ def classify_eval(checkpoint: str, data: tuple[str, ...], text_column: str, labe
     console.stdout.print(f"[bold]{', '.join(data)}[/] under {gen.directory}")
     console.stdout.print(console.key_value_table({"examples": result["examples"], "accuracy": result["accuracy"],
                                                   "macro-F1": result["macro_f1"],
-                                                  "LM vote (weight)": f"{result['lm_vote']:g}"}))
+                                                  "LM vote (weight)": f"{result['lm_vote']:g}"}), soft_wrap=True)
     console.stdout.print(console.classification_tables(result))

@@ -1,4 +1,9 @@
-"""Frozen configuration dataclasses; each converts to and from a plain JSON-able dict."""
+"""Frozen configuration dataclasses; each converts to and from a plain JSON-able dict.
+
+Each field that a user sets from the command line carries its help text in ``metadata["help"]``: the CLI
+generates its options (and their ``[default: ...]``) from these fields, so a default lives in one place.
+``metadata["cli"] = False`` keeps a field off the command line.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +17,18 @@ from .errors import InputError
 T = TypeVar("T")
 
 ARCHS = ("lstm", "gru", "rnn")
+TOKENIZERS = ("char", "bpe", "unigram")
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def option(default: Any, help: str, **extra: Any) -> Any:
+    """A field with a default and the help text of its command-line option (``extra``: choices, short, shown)."""
+    return field(default=default, metadata={"help": help, **extra})
+
+
+def internal(default: Any) -> Any:
+    """A field with no command-line option."""
+    return field(default=default, metadata={"cli": False})
 
 
 def from_dict(cls: type[T], data: dict[str, Any]) -> T:
@@ -24,40 +41,63 @@ def to_dict(config: Any) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
+def field_names(cls: type) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
+
+
+def split_options(options: dict[str, Any], *groups: type, what: str = "option") -> list[dict[str, Any]]:
+    """``options`` sorted into one dict per config class of ``groups`` (in that order; a name goes to the
+    first class that has it); unset (None) values are dropped, unknown names refused."""
+    unknown = set(options) - set().union(*(field_names(cls) for cls in groups))
+    if unknown:
+        raise InputError(f"unknown {what}(s): {', '.join(sorted(unknown))}")
+    taken: set[str] = set()
+    parts = []
+    for cls in groups:
+        names = field_names(cls) - taken
+        parts.append({k: v for k, v in options.items() if k in names and v is not None})
+        taken |= names
+    return parts
+
+
 def require(ok: bool, message: str) -> None:
     if not ok:
         raise InputError(message)
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     """Shape of the network: embedding -> RNN stack -> heads."""
 
-    vocab_size: int
-    arch: str = "lstm"
-    emb_dim: int = 64
-    hidden: int = 256
-    layers: int = 2
-    dropout: float = 0.1  # between layers and on the outputs
-    emb_dropout: float = 0.0
-    weight_drop: float = 0.0  # DropConnect on the hidden-to-hidden matrices while training (AWD-LSTM)
-    tie_weights: bool = False
-    bidirectional: bool = False
+    vocab_size: int = field(metadata={"cli": False})
+    arch: str = option("lstm", "Recurrent cell.", choices=ARCHS)
+    layers: int = option(2, "Recurrent layers.")
+    hidden: int = option(256, "Hidden units per layer.")
+    emb_dim: int = option(64, "Embedding size.")
+    dropout: float = option(0.1, "Dropout between layers and before the output.")
+    emb_dropout: float = option(0.0, "Dropout on embeddings.")
+    # DropConnect on the hidden-to-hidden matrices while training (AWD-LSTM)
+    weight_drop: float = option(0.0, "Dropout on the hidden-to-hidden weights while training (DropConnect).")
+    tie_weights: bool = option(False, "Share embedding and output matrices.")
+    bidirectional: bool = option(False, "A bidirectional encoder (classifies, cannot generate).")
     # Label tokens (for label-conditioned generation) sit after the tokenizer's symbols: the last
     # len(label_tokens) rows of the embedding and the LM head.
-    label_tokens: tuple[str, ...] = ()
+    label_tokens: tuple[str, ...] = internal(())
 
     def __post_init__(self) -> None:
         require(self.arch in ARCHS, f"unknown architecture {self.arch!r}: use one of {', '.join(ARCHS)}")
         require(self.vocab_size >= 2, "the vocabulary needs at least 2 symbols: use a longer corpus")
-        require(self.layers >= 1, "--layers must be at least 1")
-        require(self.hidden >= 1, "--hidden must be at least 1")
-        require(self.emb_dim >= 1, "--emb-dim must be at least 1")
+        for name in ("layers", "hidden", "emb_dim"):
+            require(getattr(self, name) >= 1, f"{flag(name)} must be at least 1")
         for name in ("dropout", "emb_dropout", "weight_drop"):
             value = getattr(self, name)
-            require(0.0 <= value < 1.0, f"--{name.replace('_', '-')} must be in [0, 1), got {value}")
+            require(0.0 <= value < 1.0, f"{flag(name)} must be in [0, 1), got {value}")
         require(not self.tie_weights or self.emb_dim == self.hidden,
-                 "--tie-weights needs --emb-dim equal to --hidden")
+                "--tie-weights needs --emb-dim equal to --hidden")
         object.__setattr__(self, "label_tokens", tuple(self.label_tokens))  # JSON gives a list
 
     @property
@@ -69,50 +109,143 @@ class ModelConfig:
         return self.text_vocab_size + self.label_tokens.index(label)
 
 
-@dataclass(frozen=True)
-class TrainConfig:
-    """How to train: optimisation, schedule, evaluation and stopping."""
+SHAPE_FIELDS = ("arch", "emb_dim", "hidden", "layers", "tie_weights", "bidirectional")  # what fine-tuning keeps
 
-    batch_size: int = 64
-    seq_len: int = 128
-    state_reset: float = 0.3  # share of windows that start from a fresh state instead of the carried one
-    lr: float = 2e-3
-    min_lr_ratio: float = 0.05  # cosine decays to lr * min_lr_ratio
-    warmup_steps: int = 50
-    weight_decay: float = 0.01
-    grad_clip: float = 1.0
-    max_steps: int = 1000
-    max_time: float | None = None  # seconds; the schedule follows whichever budget ends first
-    eval_every: int = 200
-    eval_max_tokens: int | None = None
-    patience: int | None = None  # evaluations without improvement before stopping
-    save_every: int | None = None  # periodic "last" checkpoints between evaluations (steps)
-    seed: int = 1337
-    device: str = "auto"
-    precision: str = "auto"  # auto: bf16 on CUDA and on CPUs with native bf16, else fp32
-    val_fraction: float = 0.1
-    max_nan_retries: int = 3
-    ema: float = 0.0  # decay of the moving average of the weights that is evaluated and kept; 0: off
-    sample_length: int = 0  # tokens sampled at each evaluation, for the caller to show; 0: none
+
+@dataclass(frozen=True)
+class TokenizerConfig:
+    """Which tokenizer a new run fits on its text."""
+
+    tokenizer: str = option("char", "Characters, or sentencepiece subwords.", choices=TOKENIZERS)
+    vocab_size: int = option(2000, "Subword vocabulary size for bpe/unigram.")
+    min_char_count: int = option(1, "Fold characters seen fewer times into <unk>.")
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "seq_len", "max_steps", "eval_every"):
-            require(getattr(self, name) >= 1, f"--{name.replace('_', '-')} must be at least 1")
+        require(self.tokenizer in TOKENIZERS, f"unknown --tokenizer {self.tokenizer!r}: use char, bpe or unigram")
+        require(self.vocab_size >= 2 and self.min_char_count >= 1,
+                "--vocab-size must be at least 2 and --min-char-count at least 1")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """What every training run shares: optimisation, schedule, budget, evaluation, stopping and hardware."""
+
+    batch_size: int = option(64, "Sequences per batch.", short="-b")
+    lr: float = option(2e-3, "Peak learning rate.")
+    min_lr_ratio: float = option(0.05, "Where the cosine decay ends, as a share of --lr.")
+    warmup_steps: int = option(50, "Linear warm-up steps.")
+    weight_decay: float = option(0.01, "AdamW weight decay.")
+    grad_clip: float = option(1.0, "Gradient norm clip.")
+    # The moving average of the weights that is evaluated and kept (Polyak averaging); 0: off.
+    ema: float = option(0.0, "Evaluate and keep a moving average of the weights with this decay, e.g. 0.999 "
+                             "(0 = off).")
+    max_steps: int | None = option(1000, "Stop after this many steps.")
+    # Seconds; the schedule follows whichever budget ends first.
+    max_time: float | None = option(None, "Stop after this many seconds (the schedule fits it).", shown="none")
+    eval_every: int | None = option(200, "Evaluate and checkpoint every N steps.")
+    patience: int | None = option(None, "Stop after N evaluations without improvement.", shown="off")
+    save_every: int | None = option(None, "Also save the resume checkpoint every N steps.", shown="off")
+    # A resume point by wall time too, whatever the speed of the machine: a run killed before its first
+    # evaluation (a slow or busy machine, a large model) still has something to continue from.
+    save_time: float = option(300.0, "Also save the resume checkpoint every this many seconds of training, the "
+                                     "first within a minute (0 = off).")
+    val_fraction: float = option(0.1, "Share of the corpus (from the end) held out.")
+    seed: int = option(1337, "Random seed.")
+    device: str = option("auto", "auto, cpu, cuda or mps.")
+    precision: str = option("auto", "Compute precision; auto = bf16 on CUDA and on CPUs with native bf16.",
+                            choices=PRECISIONS)
+    max_nan_retries: int = internal(3)
+
+    def __post_init__(self) -> None:
+        require(self.batch_size >= 1, "--batch-size must be at least 1")
+        for name in ("max_steps", "eval_every", "patience", "save_every"):
+            value = getattr(self, name)
+            require(value is None or value >= 1, f"{flag(name)} must be at least 1")
         require(self.warmup_steps >= 0, "--warmup-steps must not be negative")
         require(math.isfinite(self.lr) and self.lr > 0, "--lr must be a positive number")
         require(self.grad_clip > 0, "--grad-clip must be positive")
-        require(0.0 <= self.state_reset <= 1.0, "--state-reset must be between 0 and 1")
         require(0.0 <= self.min_lr_ratio <= 1.0, "--min-lr-ratio must be between 0 and 1")
         require(self.weight_decay >= 0, "--weight-decay must not be negative")
         require(0.0 < self.val_fraction < 1.0, "--val-fraction must be between 0 and 1")
         require(self.max_time is None or self.max_time > 0, "--max-time must be positive")
-        require(self.patience is None or self.patience >= 1, "--patience must be at least 1")
-        require(self.save_every is None or self.save_every >= 1, "--save-every must be at least 1")
-        require(self.sample_length >= 0, "--sample-length must not be negative (0 shows no samples)")
+        require(math.isfinite(self.save_time) and self.save_time >= 0, "--save-time must not be negative")
         require(0.0 <= self.ema < 1.0, "--ema must be in [0, 1), e.g. 0.999 (0 turns it off)")
-        require(self.precision in ("auto", "fp32", "bf16"), "--precision must be auto, fp32 or bf16")
+        require(self.precision in PRECISIONS, "--precision must be auto, fp32 or bf16")
         require(self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:"),
-                 f"unknown device {self.device!r}: use auto, cpu, cuda or mps")
+                f"unknown device {self.device!r}: use auto, cpu, cuda or mps")
+
+
+@dataclass(frozen=True)
+class TrainConfig(RunConfig):
+    """How to train a language model: the run's settings, and the windows of text it reads."""
+
+    max_steps: int = option(1000, "Stop after this many steps.")  # type: ignore[assignment]
+    eval_every: int = option(200, "Evaluate and checkpoint every N steps.")  # type: ignore[assignment]
+    seq_len: int = option(128, "Tokens per backpropagation window.")
+    # Share of windows that start from a fresh state instead of the carried one.
+    state_reset: float = option(0.3, "Share of windows that start from a fresh state, not the carried one.")
+    eval_max_tokens: int | None = option(None, "Cap on validation tokens per evaluation.", shown="all")
+    # Tokens sampled at each evaluation, for the caller to show; 0: none.
+    sample_length: int = option(0, "Show this many tokens sampled from the model at each evaluation (0: none).",
+                                shown="200; 0 with --quiet or --json")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(self.seq_len >= 1, "--seq-len must be at least 1")
+        require(0.0 <= self.state_reset <= 1.0, "--state-reset must be between 0 and 1")
+        require(self.sample_length >= 0, "--sample-length must not be negative (0 shows no samples)")
+
+
+VOTE_GRID = tuple(i / 8 for i in range(13))  # LM vote weights tried on the validation set: 0 to 1.5
+
+
+@dataclass(frozen=True)
+class ClassifyConfig(RunConfig):
+    """How to train a classifier (and its auxiliary language model)."""
+
+    batch_size: int = option(32, "Texts per batch.", short="-b")
+    lr: float = option(2e-3, "Peak learning rate of the top layers.")
+    max_steps: int | None = option(None, "Stop after this many steps (instead of --max-epochs).", shown="off")
+    eval_every: int | None = option(None, "Evaluate and checkpoint every N steps.", shown="every epoch")
+    patience: int | None = option(3, "Stop after N evaluations without better accuracy.")
+    val_fraction: float = option(0.2, "Share of each class held out.")
+    max_epochs: int = option(10, "Passes over the training texts.")
+    max_len: int = option(256, "Tokens of each text read (its beginning).")
+    balance: bool = option(False, "Weight classes by inverse frequency.")
+    lm_weight: float = option(0.5, "Weight of the auxiliary language-model loss on the texts, which keeps the "
+                                   "model generating (0 = off).")
+    # Share of LM texts read without their label (after a newline instead), so that the model also
+    # knows unlabelled text: what classifier-free guidance (`sample --guidance`) contrasts the label with.
+    label_dropout: float = option(0.1, "Share of the language-model texts read without their label, so that "
+                                       "`sample --guidance` works.")
+    head_dropout: float = option(0.2, "Dropout before the classifier.")
+    token_dropout: float = option(0.0, "Share of each training text's tokens read as <unk> by the classifier "
+                                       "(word dropout).")
+    label_smoothing: float = option(0.0, "Share of each training target spread evenly over all classes.")
+    # Weight of the label-conditioned LM's vote in classification (see classify.class_log_scores); None: chosen
+    # at each evaluation from VOTE_GRID on the validation set; 0: the head alone.
+    lm_vote: float | None = option(None, "Weight of the language model's vote in classification: its "
+                                         "log p(text | label) + log p(label), added to the head's "
+                                         "log-probabilities (0 = the head alone).",
+                                   shown="auto, chosen on the validation set", metavar="WEIGHT|auto")
+    lr_decay: float = option(2.6, "Fine-tuning: each lower layer group learns this much slower.")
+    unfreeze_every: int | None = option(None, "Fine-tuning: unfreeze one more layer group every N steps.",
+                                        shown="one epoch")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("max_epochs", "max_len"):
+            require(getattr(self, name) >= 1, f"{flag(name)} must be at least 1")
+        require(self.unfreeze_every is None or self.unfreeze_every >= 1, "--unfreeze-every must be at least 1")
+        require(math.isfinite(self.lm_weight) and self.lm_weight >= 0, "--lm-weight must not be negative")
+        for name in ("label_dropout", "head_dropout", "token_dropout", "label_smoothing"):
+            require(0.0 <= getattr(self, name) < 1.0, f"{flag(name)} must be in [0, 1)")
+        require(self.lm_vote is None or (math.isfinite(self.lm_vote) and self.lm_vote >= 0),
+                "--lm-vote must be a weight of 0 or more, or auto")
+        require(self.lr_decay >= 1.0, "--lr-decay must be at least 1")
+
+
+LABELLED_END = ("\n",)  # a labelled example's text ends at a newline (see classify.py)
 
 
 @dataclass(frozen=True)
@@ -129,9 +262,16 @@ class SampleConfig:
 
     def __post_init__(self) -> None:
         require(math.isfinite(self.temperature) and self.temperature > 0,
-                 f"temperature must be a positive number, got {self.temperature}")
+                f"temperature must be a positive number, got {self.temperature}")
         require(self.top_k is None or self.top_k >= 1, f"top-k must be at least 1, got {self.top_k}")
         require(self.top_p is None or (math.isfinite(self.top_p) and 0.0 < self.top_p <= 1.0),
-                 f"top-p must be in (0, 1], got {self.top_p}")
+                f"top-p must be in (0, 1], got {self.top_p}")
         require(self.length >= 0, f"length must not be negative, got {self.length}")
         require(all(self.stop), "a stop string must not be empty")
+        object.__setattr__(self, "stop", tuple(self.stop))
+
+    @classmethod
+    def for_label(cls, label: str | None, stop: tuple[str, ...] | list[str] = (), **fields: Any) -> SampleConfig:
+        """Settings for a text generated for ``label``: unless ``stop`` says otherwise, it ends where a labelled
+        example ends (at a newline)."""
+        return cls(stop=tuple(stop) or (LABELLED_END if label is not None else ()), **fields)

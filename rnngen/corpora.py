@@ -15,7 +15,6 @@ from pathlib import Path
 from .errors import InputError
 
 CHUNK_BYTES = 1 << 22
-BUILTIN = "builtin"
 
 
 def cache_dir() -> Path:
@@ -209,9 +208,10 @@ def folder_files(root: Path) -> list[Path]:
     return [check_readable_file(p, "corpus file") for p in found]
 
 
-def resolve_corpus(sources: Sequence[str], encoding: str = "utf-8", errors: str = "strict") -> Corpus:
+def resolve_corpus(sources: Sequence[str], encoding: str = "utf-8", errors: str = "strict",
+                   what: str = "corpus file") -> Corpus:
     """Turn CLI arguments into a Corpus: files, folders (see ``folder_files``), a named data set, or the built-in
-    corpus when empty."""
+    corpus when empty. ``what`` names a file in messages."""
     if errors not in ("strict", "replace", "ignore"):
         raise InputError(f"--errors must be strict, replace or ignore, not {errors!r}")
     try:
@@ -232,6 +232,6 @@ def resolve_corpus(sources: Sequence[str], encoding: str = "utf-8", errors: str 
             paths.extend(found)
             names.append(f"{Path(source).resolve().name}/ ({len(found)} files)")
         else:
-            paths.append(check_readable_file(source, "corpus file"))
+            paths.append(check_readable_file(source, what))
             names.append(Path(source).name)
     return Corpus(tuple(paths), encoding, errors, name=", ".join(names))

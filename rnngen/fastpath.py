@@ -91,7 +91,10 @@ class Stepper:
                     self.upper.append((prepared(torch.cat([w_ih, w_hh], 0)), prepared(b_ih + b_hh)))
             head = model.lm_head
             self.w_out = prepared(head.weight.detach().t())  # (H, V)
-            self.b_out = prepared(head.bias.detach())
+            b_out = head.bias.detach().clone()  # a copy: the model's own bias stays as trained
+            if c.label_tokens:  # label tokens only ever begin a text: never generate one
+                b_out[c.text_vocab_size:] = float("-inf")
+            self.b_out = prepared(b_out)
 
     def streams(self, state: State | None = None, batch_size: int = 1) -> Streams:
         """Buffers for ``batch_size`` streams starting from ``state`` (zeros when None)."""

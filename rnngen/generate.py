@@ -1,4 +1,6 @@
-"""Sampling: a generator of text pieces, one recurrent step per new token (the state is carried)."""
+"""The sampling engine: text pieces from a model and its tokenizer, one recurrent step per new token (the
+state is carried). ``Sampler`` knows nothing of checkpoints: ``rnngen.load`` returns a ``LoadedModel``
+(loaded.py), a Sampler that also knows its checkpoint, classifies, evaluates and chats."""
 
 from __future__ import annotations
 
@@ -6,12 +8,10 @@ import math
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-from .checkpoint import load_checkpoint, run_dir_of
 from .config import SampleConfig
 from .cpu_step import NativeRNN, NativeSampler, NativeUnavailable
 from .errors import InputError
@@ -19,14 +19,10 @@ from .fastpath import GraphSampler, Stepper
 from .model import RNNModel, State
 from .tokenizers import Tokenizer
 
-if TYPE_CHECKING:
-    from .chat import ChatSession
-
 BLOCK = 32  # tokens per CUDA-graph replay or call of the compiled CPU step (shorter runs step eagerly)
 FEED_WINDOW = 4096  # tokens of a prompt read per model call
-GRAPH_CACHE = 8  # captured graphs kept per Generator (one per batch size and sampling settings)
+GRAPH_CACHE = 8  # captured graphs kept per Sampler (one per batch size and sampling settings)
 FAST_DEVICES = ("cpu", "cuda")  # where the fast steps are used (elsewhere the model is called per token)
-LABELLED_END = ("\n",)  # a labelled example's text ends at a newline (see classify.py)
 
 
 def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
@@ -110,7 +106,8 @@ class TextStream:
         return text + self.scanner.flush()
 
 
-def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
+def random_stream(seed: int | None, device: torch.device) -> torch.Generator:
+    """A torch random-number generator seeded with ``seed`` (from the OS when None)."""
     gen = torch.Generator(device=device)
     gen.manual_seed(seed if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1)
     return gen
@@ -144,16 +141,17 @@ def guided_logits(logits: torch.Tensor, free: torch.Tensor, guidance: float) -> 
     return mixed.masked_fill(torch.isneginf(cond) | mixed.isnan(), float("-inf"))
 
 
-class Generator:
-    """A loaded model and tokenizer, ready to generate and evaluate text."""
+class Sampler:
+    """A model and its tokenizer, ready to generate text: cursors (``start``, ``feed``) and what follows them.
 
-    def __init__(self, model: RNNModel, tokenizer: Tokenizer, config: dict[str, Any], directory: Path,
-                 fast: bool = True) -> None:
-        self.model, self.tokenizer, self.config, self.directory = model, tokenizer, config, directory
+    ``fast`` steps with rnngen.fastpath (the same numbers at a fraction of the overhead: compiled C on the CPU,
+    CUDA graphs and Triton on CUDA); False calls the model itself for each token (the plain path, kept for
+    comparison and for a model whose weights are still changing, as in training).
+    """
+
+    def __init__(self, model: RNNModel, tokenizer: Tokenizer, fast: bool = True) -> None:
+        self.model, self.tokenizer, self.fast = model, tokenizer, fast
         self.device = next(model.parameters()).device
-        # fast: step with rnngen.fastpath (same numbers, a fraction of the overhead); False steps the model
-        # itself, one call per token (the plain path, kept for comparison).
-        self.fast = fast
         self._stepper: Stepper | None = None
         self.graph_error: Exception | None = None  # why a CUDA graph could not be captured, if it ever failed
         self.use_triton = True  # CUDA, one stream of an fp32 LSTM: step in Triton kernels (see triton_step)
@@ -163,9 +161,14 @@ class Generator:
         self.use_native = True  # CPU, one stream of an fp32 model: sample in compiled C (see cpu_step)
         self.native_error: Exception | None = None  # why the compiled step cannot be used, if it cannot
         self._native: NativeRNN | None = None  # built on first use
-        if model.config.label_tokens:  # label tokens only ever begin a text: never generate one
-            with torch.no_grad():
-                model.lm_head.bias[model.config.text_vocab_size:] = float("-inf")
+        # Label tokens only ever begin a text: they are never generated (the model's weights stay as trained).
+        self._text_vocab = model.config.text_vocab_size if model.config.label_tokens else None
+
+    def _text_only(self, logits: torch.Tensor) -> torch.Tensor:
+        """``logits`` with the label tokens' set to -inf (in place: they are fresh from the model)."""
+        if self._text_vocab is not None:
+            logits[..., self._text_vocab:] = float("-inf")
+        return logits
 
     def _check_generative(self) -> None:
         if self.model.config.bidirectional:
@@ -177,26 +180,11 @@ class Generator:
         """Labels this model can generate for (``--label``); empty for a plain language model."""
         return list(self.model.config.label_tokens)
 
-    @property
-    def classes(self) -> list[str]:
-        """Classes of the classification head; empty when the model has none."""
-        head = self.model.classifier
-        return list(head.classes) if head is not None else []
-
-    @classmethod
-    def load(cls, path: str | os.PathLike[str], device: str = "cpu", fast: bool = True) -> Generator:
-        model, tokenizer, config, directory = load_checkpoint(path, device)
-        return cls(model, tokenizer, config, directory, fast)
-
     def stepper(self) -> Stepper:
         """The model's weights prepared for one-token steps (built on first use; the weights must not change)."""
         if self._stepper is None:
             self._stepper = Stepper(self.model)
         return self._stepper
-
-    @property
-    def run_dir(self) -> Path:
-        return run_dir_of(self.directory)
 
     def unknown_characters(self, text: str) -> int:
         """How many characters of ``text`` the tokenizer cannot represent (they become <unk>)."""
@@ -205,9 +193,11 @@ class Generator:
     def _start_ids(self, prompt: str, label: str | None = None) -> list[int]:
         self._check_generative()
         if label is not None:
+            if not self.labels:
+                raise InputError("this model has no labels to generate for (it was not trained on labelled "
+                                 "data); drop --label, or train one with `rnngen classify train`")
             if label not in self.labels:
-                known = ", ".join(self.labels) or "none: it was not trained on labelled data"
-                raise InputError(f"unknown label {label!r}; this model's labels are: {known}")
+                raise InputError(f"unknown label {label!r}; this model's labels are: {', '.join(self.labels)}")
             return [self.model.config.label_id(label)] + ([int(i) for i in self.tokenizer.encode(prompt)]
                                                           if prompt else [])
         if prompt:
@@ -232,7 +222,7 @@ class Generator:
             logits, state = self.model(x[:, start:start + FEED_WINDOW], state)
             if progress is not None:
                 progress(min(start + FEED_WINDOW, total), total)
-        return Cursor(state, logits[:, -1])
+        return Cursor(state, self._text_only(logits[:, -1]))
 
     def start(self, prompt: str = "", label: str | None = None, guidance: float = 1.0,
               progress: Callable[[int, int], None] | None = None) -> Cursor:
@@ -257,7 +247,7 @@ class Generator:
         """Yield text pieces after ``cursor`` (advancing it) until ``config.length`` tokens or a stop string."""
         # Not decorated with inference_mode, which costs 7 us a token (of ~110 on CPU) as it wraps every
         # resumption of a generator: _steps enters it around each step's work instead.
-        generator = generator or make_generator(config.seed, self.device)
+        generator = generator or random_stream(config.seed, self.device)
         text = TextStream(self.tokenizer, config.stop)
         for (token,) in self._steps(cursor, 1, config, generator, track=True):
             piece, stopped = text.push(token)
@@ -279,7 +269,7 @@ class Generator:
         """
         if n < 1:
             raise InputError(f"the number of samples must be at least 1, got {n}")
-        generator = generator or make_generator(config.seed, self.device)
+        generator = generator or random_stream(config.seed, self.device)
         texts = [TextStream(self.tokenizer, config.stop) for _ in range(n)]
         pieces: list[list[str]] = [[] for _ in range(n)]
         running = list(range(n))  # the streams that have not reached a stop string
@@ -361,7 +351,7 @@ class Generator:
     def _model_step(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         """The plain step: one model call for one token per stream; logits (B, V) and the new state."""
         out, state = self.model(tokens.view(-1, 1), state)
-        return out[:, -1], state
+        return self._text_only(out[:, -1]), state
 
     def _native_sampler(self, key: tuple[Any, ...], state: State, logits: torch.Tensor) -> NativeSampler | None:
         """The compiled CPU sampler for one stream of an fp32 model; None where it cannot run (the
@@ -422,10 +412,9 @@ class Generator:
         With ``label`` the text is generated for that label and, unless ``stop`` says otherwise, ends
         where a labelled example ends (at a newline); ``guidance`` > 1 strengthens the label (see ``start``).
         """
-        stop = tuple(stop) or (LABELLED_END if label is not None else ())
-        config = SampleConfig(temperature, top_k, top_p, greedy, length, stop, seed)
-        cursor = self.start(prompt, label, guidance)
-        yield from self.continue_from(cursor, config)
+        config = SampleConfig.for_label(label, tuple(stop), temperature=temperature, top_k=top_k, top_p=top_p,
+                                        greedy=greedy, length=length, seed=seed)
+        yield from self.continue_from(self.start(prompt, label, guidance), config)
 
     def sample(self, prompt: str = "", **options: Any) -> str:
         """The whole continuation of ``prompt`` as one string (see ``generate`` for the options)."""
@@ -436,38 +425,6 @@ class Generator:
                     stop: Sequence[str] = (), seed: int | None = None, label: str | None = None,
                     guidance: float = 1.0) -> list[str]:
         """``n`` continuations of ``prompt``, generated together as one batch (options as for ``generate``)."""
-        stop = tuple(stop) or (LABELLED_END if label is not None else ())
-        config = SampleConfig(temperature, top_k, top_p, greedy, length, stop, seed)
+        config = SampleConfig.for_label(label, tuple(stop), temperature=temperature, top_k=top_k, top_p=top_p,
+                                        greedy=greedy, length=length, seed=seed)
         return self.continue_many(self.start(prompt, label, guidance), n, config)
-
-    def chat(self, user_prefix: str = "", bot_prefix: str = "", context: str = "", temperature: float = 0.8,
-             top_k: int | None = None, top_p: float | None = None, length: int = 300,
-             stop: Sequence[str] | None = None, seed: int | None = None) -> ChatSession:
-        """A conversation whose recurrent state is carried from turn to turn (see ``rnngen.chat``): its
-        ``say(line)`` returns the reply; ``context`` is read before the first turn; ``stop`` ends a reply
-        (by default a blank line, as in `rnngen chat`)."""
-        from .chat import DEFAULT_STOP, ChatSession
-
-        stops = DEFAULT_STOP if stop is None else tuple(stop)
-        config = SampleConfig(temperature, top_k, top_p, False, length, stops, seed)
-        return ChatSession(self, config, user_prefix, bot_prefix, context)
-
-    def classify(self, texts: Sequence[str] | str, top: int | None = None,
-                 lm_vote: float | None = None) -> list[dict[str, Any]]:
-        """Label and class probabilities (most likely first, ``top`` of them) for each text; ``lm_vote``
-        overrides the weight of the language model's vote that the checkpoint chose (0: the head alone)."""
-        from .classify import classify_texts
-
-        return classify_texts(self.model, self.tokenizer, self.config, [texts] if isinstance(texts, str) else texts,
-                              self.device, top, lm_vote)
-
-    def evaluate(self, text: str) -> dict[str, float]:
-        """Loss of ``text`` under the model: nats/token, nats/char, bits/char, perplexity."""
-        from .runtime import evaluate
-
-        tokens = self.tokenizer.encode(text)
-        if len(tokens) < 2:
-            raise InputError("the text is too short to evaluate; give it at least two characters")
-        result = evaluate(self.model, tokens, self.tokenizer.char_lengths(), self.device)
-        return {**result, "unknown_characters": self.unknown_characters(text)}
-

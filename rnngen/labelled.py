@@ -63,10 +63,6 @@ class LabelledData:
             return sorted(labels, key=lambda label: (int(label), label))
         return sorted(labels)
 
-    @property
-    def class_index(self) -> dict[str, int]:
-        return {label: i for i, label in enumerate(self.classes)}
-
     def counts(self) -> dict[str, int]:
         """Examples per class, in class order."""
         counter = Counter(self.labels)
@@ -94,6 +90,18 @@ class LabelledData:
         total = sum(self.skipped.values())
         parts = ", ".join(f"{n} {reason}" for reason, n in self.skipped.most_common())
         return f"{total} bad row{'s' * (total != 1)} skipped ({parts})"
+
+
+@dataclass(frozen=True)
+class ReadConfig:
+    """How labelled data is read (the options of ``read_labelled``)."""
+
+    fmt: str | None = None  # None: from the path
+    text_columns: tuple[Column, ...] = ("text",)
+    label_column: Column = "label"
+    header: bool = True
+    encoding: str = "utf-8"
+    skip_bad_rows: bool = False
 
 
 def parse_columns(spec: str) -> list[Column]:

@@ -18,10 +18,8 @@ import numpy as np
 
 from .errors import CheckpointError, InputError
 
-UNK = "<unk>"
 REPLACEMENT = "\ufffd"  # how an unknown token is shown in decoded text
 MAX_CODEPOINT = 0x110000
-TOKENIZER_KINDS = ("char", "bpe", "unigram")
 
 
 class StreamDecoder(Protocol):

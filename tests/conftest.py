@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -17,19 +18,23 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 SHARED = Path(os.environ.get("RNNGEN_SHARED", Path(__file__).resolve().parents[1].parent / "shared"))
+HOOKS = Path(__file__).resolve().parent / "hooks"  # test hooks, kept out of rnngen's own code
+sys.path.insert(0, str(HOOKS))
 
 
-def pytest_addoption(parser: pytest.Parser) -> None:
-    parser.addoption("--runslow", action="store_true", help="also run tests marked slow")
+def nan_hook_env(spec: str) -> dict[str, str]:
+    """The environment of a process (and its torchrun workers) whose loss turns NaN at the steps of ``spec``
+    ("STEP[@RANK],...": see hooks/nan_hook.py)."""
+    return {"RNNGEN_TEST_NAN_AT_STEP": spec,
+            "PYTHONPATH": os.pathsep.join(p for p in (str(HOOKS), os.environ.get("PYTHONPATH")) if p)}
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if config.getoption("--runslow"):
-        return
-    skip = pytest.mark.skip(reason="slow: run with --runslow")
-    for item in items:
-        if "slow" in item.keywords:
-            item.add_marker(skip)
+@pytest.fixture
+def nan_at(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """``nan_at("12")``: in this process, the training loss turns NaN at step 12 (see hooks/nan_hook.py)."""
+    import nan_hook
+
+    return lambda spec: nan_hook.install(spec, monkeypatch.setattr)
 
 
 @pytest.fixture(autouse=True)

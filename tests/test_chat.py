@@ -26,7 +26,8 @@ from rnngen.chat import (ChatSession, Info, MultiLine, Notice, Problem, Quit, Re
                          state_dir)
 from rnngen.checkpoint import save_checkpoint
 from rnngen.config import ModelConfig, SampleConfig
-from rnngen.generate import Cursor, Generator
+from rnngen.generate import Cursor
+from rnngen.loaded import LoadedModel
 from rnngen.model import RNNModel
 from rnngen.tokenizers import CharTokenizer
 
@@ -47,7 +48,7 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def gen(checkpoint: Path) -> Generator:
+def gen(checkpoint: Path) -> LoadedModel:
     return rnngen.load(str(checkpoint))
 
 
@@ -74,14 +75,14 @@ def assert_same(cursor: Cursor, saved: tuple[list[torch.Tensor], torch.Tensor]) 
     assert torch.equal(cursor.logits, logits)
 
 
-def greedy_after(gen: Generator, cursor: Cursor, text: str, length: int, stop: tuple[str, ...]) -> str:
-    """What Generator's greedy sampling writes after ``text``, read from ``cursor``."""
+def greedy_after(gen: LoadedModel, cursor: Cursor, text: str, length: int, stop: tuple[str, ...]) -> str:
+    """What LoadedModel's greedy sampling writes after ``text``, read from ``cursor``."""
     start = gen.feed([int(i) for i in gen.tokenizer.encode(text)], cursor.state)
     return "".join(gen.continue_from(start, SampleConfig(greedy=True, length=length, stop=stop)))
 
 
 # ------------------------------------------------------------------------------------- the session
-def test_a_turn_costs_only_its_new_tokens(gen: Generator) -> None:
+def test_a_turn_costs_only_its_new_tokens(gen: LoadedModel) -> None:
     session = ChatSession(gen, config(length=25, stop=()), user_prefix="a:", bot_prefix="b:")
     lengths: list[int] = []
     gen.fast = False  # count the plain path's model calls (test_fastpath.py counts the fast steps)
@@ -98,7 +99,7 @@ def test_a_turn_costs_only_its_new_tokens(gen: Generator) -> None:
     assert len(session.context()) > 4 * 25
 
 
-def test_undo_restores_the_exact_state(gen: Generator) -> None:
+def test_undo_restores_the_exact_state(gen: LoadedModel) -> None:
     session = ChatSession(gen, config(length=40))
     fresh = copy(session.cursor)
     first = reply(session, "the cat")
@@ -118,7 +119,7 @@ def test_undo_restores_the_exact_state(gen: Generator) -> None:
     assert first  # the turns were real replies
 
 
-def test_undo_then_same_line_gives_same_greedy_reply(gen: Generator) -> None:
+def test_undo_then_same_line_gives_same_greedy_reply(gen: LoadedModel) -> None:
     session = ChatSession(gen, config(greedy=True, length=40))
     reply(session, "one")
     before = copy(session.cursor)
@@ -130,20 +131,20 @@ def test_undo_then_same_line_gives_same_greedy_reply(gen: Generator) -> None:
     assert_same(session.cursor, after)
 
 
-def test_low_temperature_gives_the_greedy_continuation(gen: Generator) -> None:
+def test_low_temperature_gives_the_greedy_continuation(gen: LoadedModel) -> None:
     session = ChatSession(gen, config(length=60, stop=()))
     assert [type(e) for e in events(session, "/temp 0.0001")] == [Notice]
     assert session.config.temperature == 0.0001
     start = Cursor(session.cursor.state, session.cursor.logits)
     got = reply(session, "hello there")
     assert got == greedy_after(gen, start, "hello there", 60, ())
-    # from the very beginning too, as `Generator.sample(..., greedy=True)` reads it
+    # from the very beginning too, as `LoadedModel.sample(..., greedy=True)` reads it
     assert got == gen.sample("\nhello there", greedy=True, length=60)
     second_start = Cursor(session.cursor.state, session.cursor.logits)
     assert reply(session, "more") == greedy_after(gen, second_start, "more", 60, ())
 
 
-def test_stop_string_ends_the_reply_and_is_read(gen: Generator) -> None:
+def test_stop_string_ends_the_reply_and_is_read(gen: LoadedModel) -> None:
     full = gen.sample("\nabc", greedy=True, length=200)
     stop = full[30:32]
     session = ChatSession(gen, config(greedy=True, length=200, stop=(stop,)))
@@ -162,7 +163,7 @@ def test_stop_string_ends_the_reply_and_is_read(gen: Generator) -> None:
     assert lengths == [3] + [1] * len(cut + stop)  # the stop string's tokens are read: the state is there
 
 
-def test_saved_transcript_is_what_the_model_read(gen: Generator, tmp_path: Path) -> None:
+def test_saved_transcript_is_what_the_model_read(gen: LoadedModel, tmp_path: Path) -> None:
     session = ChatSession(gen, config(length=30), user_prefix="a:", bot_prefix="b:\n")
     for text in ("hi there", "what now", "bye"):
         reply(session, text)
@@ -178,7 +179,7 @@ def test_saved_transcript_is_what_the_model_read(gen: Generator, tmp_path: Path)
     assert [type(e) for e in events(session, "/save")] == [Problem]
 
 
-def test_dialogue_format(gen: Generator) -> None:
+def test_dialogue_format(gen: LoadedModel) -> None:
     session = ChatSession(gen, config(length=5, stop=("\n\n",)), user_prefix="ROMEO:", bot_prefix="JULIET:")
     assert session.format_input("hi") == "ROMEO: hi\n\nJULIET:"
     reply(session, "hi")
@@ -192,7 +193,7 @@ def test_dialogue_format(gen: Generator) -> None:
     assert ChatSession(gen, config()).format_input("just text") == "just text"  # no prefixes: continue it
 
 
-def test_settings_commands_take_effect(gen: Generator) -> None:
+def test_settings_commands_take_effect(gen: LoadedModel) -> None:
     session = ChatSession(gen, config(stop=()))
     for command, field, value in [("/temp 0.5", "temperature", 0.5), ("/top-k 5", "top_k", 5),
                                   ("/top-k off", "top_k", None), ("/top-p 0.9", "top_p", 0.9),
@@ -215,7 +216,7 @@ def test_settings_commands_take_effect(gen: Generator) -> None:
     assert re.search(r"temperature\s+0.5", settings) and re.search(r"length\s+7", settings)
 
 
-def test_seed_restarts_the_random_stream(gen: Generator) -> None:
+def test_seed_restarts_the_random_stream(gen: LoadedModel) -> None:
     a, b = ChatSession(gen, config(seed=None)), ChatSession(gen, config(seed=None))
     events(a, "/seed 11")
     events(b, "/seed 11")
@@ -229,7 +230,7 @@ def test_seed_restarts_the_random_stream(gen: Generator) -> None:
 @pytest.mark.parametrize("command", ["/temp 0", "/temp abc", "/temp", "/temp nan", "/top-p 2", "/top-p 0",
                                      "/top-k 0", "/top-k x", "/len -1", "/len", "/seed x", "/nosuch", "/",
                                      "/label happy", "/classify", "/classify some text"])
-def test_bad_commands_get_one_line_and_change_nothing(gen: Generator, command: str) -> None:
+def test_bad_commands_get_one_line_and_change_nothing(gen: LoadedModel, command: str) -> None:
     session = ChatSession(gen, config())
     before, saved = session.config, copy(session.cursor)
     got = events(session, command)
@@ -238,7 +239,7 @@ def test_bad_commands_get_one_line_and_change_nothing(gen: Generator, command: s
     assert_same(session.cursor, saved)
 
 
-def test_label_and_classify_hooks(gen: Generator) -> None:
+def test_label_and_classify_hooks(gen: LoadedModel) -> None:
     session = ChatSession(gen, config())  # a plain language model: both say how to get what they need
     (problem,) = events(session, "/label happy")
     assert isinstance(problem, Problem) and "no labels" in problem.text and "classify train" in problem.text
@@ -247,7 +248,7 @@ def test_label_and_classify_hooks(gen: Generator) -> None:
     # (test_classify.py covers both on a model that has labels and a classifier)
 
 
-def test_reset_history_help_quit_and_slashes(gen: Generator) -> None:
+def test_reset_history_help_quit_and_slashes(gen: LoadedModel) -> None:
     session = ChatSession(gen, config(length=10))
     fresh = copy(session.cursor)
     reply(session, "abc")
@@ -267,7 +268,7 @@ def test_reset_history_help_quit_and_slashes(gen: Generator) -> None:
     assert events(session, "   ") == []  # a blank line sends nothing
 
 
-def test_closing_mid_reply_keeps_a_consistent_state(gen: Generator) -> None:
+def test_closing_mid_reply_keeps_a_consistent_state(gen: LoadedModel) -> None:
     session = ChatSession(gen, config(length=500, stop=()))
     before = copy(session.cursor)
     stream = session.handle("abc")
@@ -290,7 +291,7 @@ def before_cursor(saved: tuple[list[torch.Tensor], torch.Tensor]) -> Cursor:
     return Cursor(tuple(saved[0]), saved[1])
 
 
-def test_unknown_characters_warn(gen: Generator) -> None:
+def test_unknown_characters_warn(gen: LoadedModel) -> None:
     got = events(ChatSession(gen, config(length=3)), "héllo")
     assert isinstance(got[0], Notice) and "1 character" in got[0].text
 
@@ -303,7 +304,7 @@ def test_multiline_joiner() -> None:
     assert joiner.push('"""') == "first\n\n/temp 1" and not joiner.active
 
 
-def test_multiline_input_is_text_even_if_it_starts_with_a_slash(gen: Generator) -> None:
+def test_multiline_input_is_text_even_if_it_starts_with_a_slash(gen: LoadedModel) -> None:
     session = ChatSession(gen, config(length=3))
     events(session, "/temp 1\nabc")
     assert session.config.temperature == config().temperature and session.turns[-1].user == "/temp 1\nabc"
@@ -321,7 +322,7 @@ def test_state_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------- the command
-def test_context_is_read_first_and_resumes_a_saved_conversation(gen: Generator, tmp_path: Path) -> None:
+def test_context_is_read_first_and_resumes_a_saved_conversation(gen: LoadedModel, tmp_path: Path) -> None:
     """A primer (--context-file) is read before the first turn; /reset comes back to it, and a conversation
     written by /save, given as the context of a new session, carries on from the state it ended in."""
     primer = "a: the scene\n\nb:\nis set\n\n"
@@ -345,8 +346,8 @@ def test_context_is_read_first_and_resumes_a_saved_conversation(gen: Generator, 
     assert reply(session, "hi there") == first[0]  # after /reset: where the first turn started
 
 
-def test_python_api_chat(gen: Generator) -> None:
-    """Generator.chat: a session whose say() returns each reply, as the CLI's session writes it."""
+def test_python_api_chat(gen: LoadedModel) -> None:
+    """LoadedModel.chat: a session whose say() returns each reply, as the CLI's session writes it."""
     session = gen.chat(user_prefix="a:", bot_prefix="b:\n", context="the scene\n", length=30, seed=3)
     same = ChatSession(gen, SampleConfig(length=30, stop=("\n\n",), seed=3), "a:", "b:\n", "the scene\n")
     for line in ("hi there", "what now"):
@@ -354,7 +355,7 @@ def test_python_api_chat(gen: Generator) -> None:
     assert [t.user for t in session.turns] == ["hi there", "what now"]
 
 
-def test_piped_input_gives_plain_text(checkpoint: Path, gen: Generator) -> None:
+def test_piped_input_gives_plain_text(checkpoint: Path, gen: LoadedModel) -> None:
     lines = ["hello", "/temp abc", "/len 12", "//x", '"""', "two", "lines", '"""', "/quit", "never sent"]
     proc = run_cli("chat", str(checkpoint), "--seed", "4", "--length", "20", "--stop", "zz",
                    input="\n".join(lines) + "\n", timeout=60)

@@ -59,8 +59,9 @@ def test_train_sample_eval_info_plot(tmp_path: Path, prose_corpus: Path) -> None
 
     proc = run_cli("info", str(run))
     assert proc.returncode == 0 and "lstm 1x32" in proc.stdout and "best validation" in proc.stdout
-    info = json.loads(run_cli("info", str(run), "--json").stdout)
-    assert info["config"]["training"]["step"] == 40 and len(info["metrics"]) == 2
+    info = json.loads(run_cli("info", str(run), "--json").stdout)  # the summary shown, as numbers
+    assert info["steps"] == 40 and len(info["history"]) == 2 and info["model"]["hidden"] == 32
+    assert f"{info['best']['bits_per_char']:.4f} bits/char" in proc.stdout
 
     proc = run_cli("plot", str(run), "-o", str(tmp_path / "curve.png"))
     assert proc.returncode == 0, proc.stderr

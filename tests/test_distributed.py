@@ -22,14 +22,14 @@ import rnngen
 from rnngen.checkpoint import read_metrics
 from rnngen.data import eval_windows
 
-from conftest import TINY, run_cli
+from conftest import TINY, nan_hook_env, run_cli
 
 # No dropout (each rank draws its own masks) and fp32 (bf16 rounds a batch of 4 and one of 8
 # differently), so that the distributed run can match the single process to float precision.
 EXACT = [*TINY, "--dropout", "0", "--emb-dropout", "0", "--precision", "fp32", "--max-steps", "150",
          "--eval-every", "25", "--device", "cpu"]
 # A NaN loss at step 3 on rank 1 only must roll back both ranks, as step 3 does in one process.
-NAN_ON_RANK_1, NAN = {"RNNGEN_TEST_NAN_AT_STEP": "3@1"}, {"RNNGEN_TEST_NAN_AT_STEP": "3"}
+NAN_ON_RANK_1, NAN = nan_hook_env("3@1"), nan_hook_env("3")
 
 
 def torchrun(*args: str, env: dict[str, str], **kwargs: object) -> subprocess.Popen[str]:

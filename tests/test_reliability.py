@@ -7,6 +7,7 @@ import json
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -111,3 +112,42 @@ def test_run_directory_is_portable(tiny_run: Path, tmp_path: Path) -> None:
     a = run_cli("sample", str(tiny_run), "-n", "40", "--seed", "5").stdout
     b = run_cli("sample", str(moved), "-n", "40", "--seed", "5").stdout
     assert a == b and len(a) > 10
+
+
+def test_python_api_saves_on_ctrl_c(tmp_path: Path, prose_corpus: Path) -> None:
+    """Ctrl-C (SIGINT) during `rnngen.train(...)` in a Python program stops the run after saving it, and the
+    call returns a result that says so; the run then resumes from there."""
+    run = tmp_path / "run"
+    program = ("import json, sys, rnngen\n"
+               f"result = rnngen.train([{str(prose_corpus)!r}], out={str(run)!r}, hidden=32, emb_dim=16, layers=1,"
+               " batch_size=8, seq_len=32, warmup_steps=5, max_steps=100000, eval_every=10)\n"
+               "print(json.dumps(result.to_dict()))\n")
+    proc = subprocess.Popen([sys.executable, "-c", program], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    wait_for(run / "metrics.jsonl")
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and "Traceback" not in err, err
+    result = json.loads(out)
+    assert result["stopped"] == "interrupted" and 10 <= result["steps"] < 100000
+    saved = json.loads((run / "last" / "trainer_state.json").read_text())["position"]["step"]
+    assert saved == result["steps"]  # saved at the step it stopped, not at the last evaluation
+    resumed = rnngen.train([str(prose_corpus)], out=str(run), resume=True, max_steps=saved + 5)
+    assert resumed.steps == saved + 5 and resumed.stopped == "max_steps"
+
+
+def test_a_resume_point_comes_by_time_before_any_evaluation(tmp_path: Path, prose_corpus: Path) -> None:
+    """--save-time: last/ is written by wall time too, so a run killed before its first evaluation (a slow
+    machine, a big model) still resumes."""
+    run = tmp_path / "run"
+    proc = start_training(run, prose_corpus, "--max-steps", "100000", "--eval-every", "100000", "--save-time", "1")
+    wait_for(run / "last" / "trainer_state.json")
+    time.sleep(1.5)
+    proc.kill()
+    proc.wait()
+    assert not (run / "metrics.jsonl").exists()  # no evaluation yet
+    step = json.loads((run / "last" / "trainer_state.json").read_text())["position"]["step"]
+    assert step >= 1
+    resumed = run_cli("train", "--resume", "--out", str(run), "--max-steps", str(step + 3), "-q", "--json")
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads(resumed.stdout)["steps"] == step + 3

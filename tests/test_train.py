@@ -11,7 +11,7 @@ import torch
 import rnngen
 from rnngen.checkpoint import read_metrics, run_lock
 from rnngen.errors import InputError, TrainingError
-from rnngen.train import prepare_run, train_from_options
+from rnngen.training import prepare_run, train_from_options
 
 TINY = dict(hidden=32, emb_dim=16, layers=1, batch_size=8, seq_len=32, warmup_steps=5, dropout=0.0, emb_dropout=0.0)
 
@@ -78,10 +78,10 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path: Path, prose_corpus: P
         torch.testing.assert_close(v, w, rtol=1e-5, atol=1e-6, msg=k)
 
 
-def test_ema_evaluates_and_keeps_the_average(tmp_path: Path, prose_corpus: Path, monkeypatch) -> None:
+def test_ema_evaluates_and_keeps_the_average(tmp_path: Path, prose_corpus: Path, nan_at) -> None:
     """--ema: the moving average of the weights is what is evaluated and kept in best/, and a NaN roll-back
     takes the average back to the snapshot with the rest."""
-    monkeypatch.setenv("RNNGEN_TEST_NAN_AT_STEP", "25")
+    nan_at("25")
     trainer = prepare_run([str(prose_corpus)], tmp_path / "run", **TINY, max_steps=30, eval_every=30, ema=0.9)
     trainer.run()
     assert trainer.pos.nan_retries == 1
@@ -148,8 +148,8 @@ def test_early_stopping(tmp_path: Path, prose_corpus: Path) -> None:
     assert all(r["val_loss"] >= best for r in records[-2:])
 
 
-def test_nan_loss_rolls_back_with_lower_lr(tmp_path: Path, prose_corpus: Path, monkeypatch) -> None:
-    monkeypatch.setenv("RNNGEN_TEST_NAN_AT_STEP", "12")
+def test_nan_loss_rolls_back_with_lower_lr(tmp_path: Path, prose_corpus: Path, nan_at) -> None:
+    nan_at("12")
     events = []
     trainer = prepare_run([str(prose_corpus)], tmp_path / "run", callback=events.append, **TINY, max_steps=20,
                           eval_every=10)
@@ -161,8 +161,8 @@ def test_nan_loss_rolls_back_with_lower_lr(tmp_path: Path, prose_corpus: Path, m
     assert all(r["val_loss"] == r["val_loss"] for r in read_metrics(tmp_path / "run"))  # no NaN recorded
 
 
-def test_nan_every_time_stops_and_keeps_best(tmp_path: Path, prose_corpus: Path, monkeypatch) -> None:
-    monkeypatch.setenv("RNNGEN_TEST_NAN_AT_STEP", ",".join(str(s) for s in range(10, 40)))
+def test_nan_every_time_stops_and_keeps_best(tmp_path: Path, prose_corpus: Path, nan_at) -> None:
+    nan_at(",".join(str(s) for s in range(10, 40)))
     trainer = prepare_run([str(prose_corpus)], tmp_path / "run", **TINY, max_steps=40, eval_every=10,
                           max_nan_retries=2)
     best_before = None
