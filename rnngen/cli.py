@@ -769,3 +769,9 @@ def classify_eval(checkpoint: str, data: tuple[str, ...], text_column: str, labe
                                                   "macro-F1": result["macro_f1"],
                                                   "LM vote (weight)": f"{result['lm_vote']:g}"}), soft_wrap=True)
     console.stdout.print(console.classification_tables(result))
+
+
+# Commands in modules of their own (they do not import this one).
+from .cli_export import export  # noqa: E402
+
+main.add_command(export)
