@@ -774,6 +774,8 @@ def classify_eval(checkpoint: str, data: tuple[str, ...], text_column: str, labe
 # Commands in modules of their own (they do not import this one).
 from .cli_export import export  # noqa: E402
 from .cli_inspect import inspect_command  # noqa: E402
+from .cli_serve import serve  # noqa: E402
 
 main.add_command(export)
 main.add_command(inspect_command, name="inspect")
+main.add_command(serve)
