@@ -50,7 +50,7 @@ def timed_turn(session: ChatSession, text: str) -> float:
     return time.perf_counter() - t0
 
 
-def naive_turn(gen: rnngen.generate.Generator, conversation: str, config: SampleConfig) -> float:
+def naive_turn(gen: rnngen.loaded.LoadedModel, conversation: str, config: SampleConfig) -> float:
     """What a turn costs when the whole conversation is re-read from a fresh state first."""
     t0 = time.perf_counter()
     cursor = gen.feed([int(i) for i in gen.tokenizer.encode(conversation)])

@@ -4,7 +4,7 @@ The reference (../shared/bench/ref_sample.py, "carry") calls nn.LSTM once per ch
 carried; it runs in its own process with the same sizes, once before rnngen and --ref-runs - 1 times after
 (the machine's speed drifts), and its best run counts. rnngen runs in this process, on a model of the same
 shape (random weights: speed does not depend on them) saved and loaded as a checkpoint and sampled
-through the real Generator (temperature 0.8, no stop string):
+through the real LoadedModel (temperature 0.8, no stop string):
 
   - batch 1: chars/s of the fast path (the default), and of the plain path (one model call per token);
   - flatness: seconds per char for --long chars over seconds per char for --short chars (1.0 = flat);
@@ -37,12 +37,12 @@ from common import json_lines, save, shared_path  # noqa: E402
 
 from rnngen.checkpoint import save_checkpoint  # noqa: E402
 from rnngen.config import ModelConfig  # noqa: E402
-from rnngen.generate import Generator  # noqa: E402
+from rnngen.loaded import LoadedModel  # noqa: E402
 from rnngen.model import RNNModel  # noqa: E402
 from rnngen.tokenizers import CharTokenizer  # noqa: E402
 
 
-def chars_per_s(gen: Generator, chars: int, repeats: int, **options: Any) -> float:
+def chars_per_s(gen: LoadedModel, chars: int, repeats: int, **options: Any) -> float:
     """The best of ``repeats`` runs of one ``chars``-long sample from an empty prompt, clock started before
     the call (the fast paths produce text in blocks: timing from the first piece would leave a block out).
     Call once first as a warm-up: the first run prepares the weights (and captures the CUDA graph)."""
@@ -54,7 +54,7 @@ def chars_per_s(gen: Generator, chars: int, repeats: int, **options: Any) -> flo
     return 1 / best
 
 
-def batch_chars_per_s(gen: Generator, n: int, chars: int, repeats: int) -> float:
+def batch_chars_per_s(gen: LoadedModel, n: int, chars: int, repeats: int) -> float:
     best = float("inf")
     for i in range(repeats):
         t0 = time.perf_counter()
@@ -98,20 +98,20 @@ def main() -> None:
                                  emb_dim=args.emb, arch=args.arch))
     with tempfile.TemporaryDirectory() as tmp:
         save_checkpoint(Path(tmp) / "ck", model, tok, {})
-        gen = Generator.load(str(Path(tmp) / "ck"), device=args.device)
-    plain = Generator(gen.model, gen.tokenizer, gen.config, gen.directory, fast=False)
+        gen = LoadedModel.load(str(Path(tmp) / "ck"), device=args.device)
+    plain = LoadedModel(gen.model, gen.tokenizer, gen.config, gen.directory, fast=False)
     chars_per_s(gen, 200, 1)  # warm-up: weights prepared, allocator and thread pool started
     fast = chars_per_s(gen, args.chars, args.repeats)
     filtered = chars_per_s(gen, args.chars, args.repeats, top_k=40, top_p=0.95)  # the filters' own cost
     cudnn = None  # on CUDA, batch 1 steps through Triton kernels; also measured: the model's own (cuDNN) step
     if args.device == "cuda":
-        graph = Generator(gen.model, gen.tokenizer, gen.config, gen.directory)
+        graph = LoadedModel(gen.model, gen.tokenizer, gen.config, gen.directory)
         graph.use_triton = False
         chars_per_s(graph, 200, 1)
         cudnn = chars_per_s(graph, args.chars, args.repeats)
     torch_step = None  # on the CPU, batch 1 runs compiled C (rnngen.cpu_step); also measured: the torch step
     if args.device == "cpu":
-        eager = Generator(gen.model, gen.tokenizer, gen.config, gen.directory)
+        eager = LoadedModel(gen.model, gen.tokenizer, gen.config, gen.directory)
         eager.use_native = False
         chars_per_s(eager, 200, 1)
         torch_step = chars_per_s(eager, args.chars, args.repeats)

@@ -1,7 +1,7 @@
 """CUDA only: batch-1 sampling speed of the Triton step's tilings, beside the reference, in one run.
 
 Each tiling (hidden units per program, inputs per inner-loop pass, logits per program, warps) is built
-from the same model and sampled through the real Generator and its CUDA graph, as the fast path does
+from the same model and sampled through the real LoadedModel and its CUDA graph, as the fast path does
 (temperature 0.8, 3x512 LSTM with random weights, vocabulary 65). The first Triton row is the default
 tiling, the second the first one tried (4 units, 256-wide passes, 32 logits per program, 4 warps).
 
@@ -26,7 +26,7 @@ from sample_speed import chars_per_s  # noqa: E402
 
 from rnngen.checkpoint import save_checkpoint  # noqa: E402
 from rnngen.config import ModelConfig  # noqa: E402
-from rnngen.generate import Generator  # noqa: E402
+from rnngen.loaded import LoadedModel  # noqa: E402
 from rnngen.model import RNNModel  # noqa: E402
 from rnngen.tokenizers import CharTokenizer  # noqa: E402
 from rnngen.triton_step import BLOCK_K, BLOCK_V, NUM_WARPS, UNITS, TritonLSTM  # noqa: E402
@@ -42,7 +42,7 @@ def main() -> None:
     model = RNNModel(ModelConfig(vocab_size=tok.vocab_size, hidden=hidden, layers=layers, emb_dim=emb))
     with tempfile.TemporaryDirectory() as tmp:
         save_checkpoint(Path(tmp) / "ck", model, tok, {})
-        gen = Generator.load(str(Path(tmp) / "ck"), device="cuda")
+        gen = LoadedModel.load(str(Path(tmp) / "ck"), device="cuda")
     gen.use_triton = False
     chars_per_s(gen, 200, 1)
     rows = [("cuDNN step in a CUDA graph", chars_per_s(gen, 5000, 3), None)]
