@@ -70,9 +70,9 @@ def main() -> None:
         return
     started = time.perf_counter()
     rnngen("train", str(corpus), "--out", str(root / "lm"), "--max-time", str(args.lm_time), "--val-fraction",
-           "0.05", *model, *args.lm_options.split(), "--quiet")
+           "0.05", "--preset", "plain", *model, *args.lm_options.split(), "--quiet")
     lm_seconds = time.perf_counter() - started
-    lm_val = json.loads(rnngen("info", str(root / "lm"), "--json"))["config"]["training"]["best_val"]
+    lm_val = json.loads(rnngen("info", str(root / "lm"), "--json"))["best"]
     tuned = classify_run(train, test, root / "tuned", ["--from", str(root / "lm"), *cls])
     tuned["seconds_with_lm"] = round(tuned["seconds"] + lm_seconds, 1)
     tuned["lm_val_nats_per_char"] = round(lm_val["nats_per_char"], 4)

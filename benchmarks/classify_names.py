@@ -65,7 +65,8 @@ def main() -> None:
         corpus = root / "names.txt"
         corpus.write_text("".join(line.split("\t")[0] + "\n" for line in train.read_text().splitlines()[1:]))
         rnngen("train", str(corpus), "--out", str(root / "lm"), "--max-steps", str(args.lm_steps),
-               "--batch-size", "32", "--seq-len", "64", "--eval-every", "500", *args.lm_options.split(), "--quiet")
+               "--batch-size", "32", "--seq-len", "64", "--eval-every", "500", "--preset", "plain",
+               *args.lm_options.split(), "--quiet")
         base = ["--from", str(root / "lm")]
         text = corpus.read_text(encoding="utf-8")
         held_out = root / "lm_val.txt"  # what `rnngen train` held out: the last 10% of the corpus

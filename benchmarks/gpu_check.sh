@@ -3,7 +3,8 @@
 #   1. the test suite's CUDA paths (fast sampling, CUDA graphs, the Triton step, training on cuda),
 #   2. batch-1 sampling speed vs ../shared/bench/ref_sample.py on the GPU (3x512 LSTM),
 #   3. portability: a CPU-trained checkpoint samples on the GPU, a GPU-trained one on the CPU,
-#   4. time to quality: best validation loss on tiny Shakespeare within 120 s of training (110 s + evaluations).
+#   4. time to quality: best validation loss on tiny Shakespeare within 120 s of training (110 s + evaluations);
+#      the first line of gpu_configs.txt, "auto-defaults", gives no option: what --preset auto chooses (issue 17).
 # Usage: RNNGEN_SHARED=/path/to/shared bash benchmarks/gpu_check.sh [OUTDIR]
 # Knobs (environment): RNNGEN_GPU_TEST_FILTER (pytest -k), RNNGEN_GPU_SAMPLE=0, RNNGEN_GPU_SWEEP=1 (Triton tilings),
 # RNNGEN_GPU_PORTABILITY=0, RNNGEN_GPU_CONFIG_FILE (one "name args" line per training run).
@@ -57,7 +58,7 @@ while read -r name args; do
     [ -z "$name" ] && continue
     rm -rf "/tmp/gpu_$name"
     timeout 200 rnngen train "$SHARED/data/tinyshakespeare.txt" --out "/tmp/gpu_$name" --device cuda --max-time 110 \
-        --max-steps 1000000 --json --quiet $args > "/tmp/gpu_$name.json"
+        --json --quiet $args > "/tmp/gpu_$name.json"
     python3 - "/tmp/gpu_$name.json" "$name" "$args" "$OUT_DIR/shakespeare.jsonl" <<'EOF'
 import json, sys
 r = json.loads(open(sys.argv[1]).read().strip().splitlines()[-1])

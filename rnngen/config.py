@@ -19,6 +19,8 @@ T = TypeVar("T")
 ARCHS = ("lstm", "gru", "rnn")
 TOKENIZERS = ("char", "bpe", "unigram")
 PRECISIONS = ("auto", "fp32", "bf16")
+SCHEDULES = ("cosine", "wsd")
+PRESETS = ("auto", "plain")
 
 
 def option(default: Any, help: str, **extra: Any) -> Any:
@@ -58,6 +60,12 @@ def split_options(options: dict[str, Any], *groups: type, what: str = "option") 
         parts.append({k: v for k, v in options.items() if k in names and v is not None})
         taken |= names
     return parts
+
+
+def pick(options: dict[str, Any], cls: type) -> dict[str, Any]:
+    """The set values of ``options`` that are options of ``cls`` (not its internal fields)."""
+    names = {f.name for f in dataclasses.fields(cls) if f.metadata.get("cli", True)}
+    return {k: v for k, v in options.items() if k in names and v is not None}
 
 
 def require(ok: bool, message: str) -> None:
@@ -154,6 +162,8 @@ class RunConfig:
     device: str = option("auto", "auto, cpu, cuda or mps.")
     precision: str = option("auto", "Compute precision; auto = bf16 on CUDA and on CPUs with native bf16.",
                             choices=PRECISIONS)
+    schedule: str = option("cosine", "Learning rate after the warm-up: cosine decay over the budget, or wsd "
+                                     "(constant, then a linear decay over its last fifth).", choices=SCHEDULES)
     max_nan_retries: int = internal(3)
 
     def __post_init__(self) -> None:
@@ -171,6 +181,7 @@ class RunConfig:
         require(math.isfinite(self.save_time) and self.save_time >= 0, "--save-time must not be negative")
         require(0.0 <= self.ema < 1.0, "--ema must be in [0, 1), e.g. 0.999 (0 turns it off)")
         require(self.precision in PRECISIONS, "--precision must be auto, fp32 or bf16")
+        require(self.schedule in SCHEDULES, "--schedule must be cosine or wsd")
         require(self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:"),
                 f"unknown device {self.device!r}: use auto, cpu, cuda or mps")
 
@@ -179,8 +190,13 @@ class RunConfig:
 class TrainConfig(RunConfig):
     """How to train a language model: the run's settings, and the windows of text it reads."""
 
-    max_steps: int = option(1000, "Stop after this many steps.")  # type: ignore[assignment]
+    # None with no --max-time either: the preset decides (see choose.py; plain: 1000).
+    max_steps: int | None = option(None, "Stop after this many steps.",
+                                   shown="fits the corpus; none with --max-time alone")
     eval_every: int = option(200, "Evaluate and checkpoint every N steps.")  # type: ignore[assignment]
+    preset: str = option("auto", "auto: choose the model and the recipe for the corpus, the budget and the machine "
+                                 "(every option given wins; said in one line at the start); plain: the fixed "
+                                 "defaults shown here.", choices=PRESETS)
     seq_len: int = option(128, "Tokens per backpropagation window.")
     # Share of windows that start from a fresh state instead of the carried one.
     state_reset: float = option(0.3, "Share of windows that start from a fresh state, not the carried one.")

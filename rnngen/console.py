@@ -63,7 +63,8 @@ class TrainProgress:
 
     def _line(self, event: Any, what: str) -> str:
         f = self.fields
-        return (f"{what} {event.step}/{event.max_steps}: loss {f['loss']}, val {f['val']}, {f['speed']} chars/s, "
+        of = f"/{event.max_steps}" if event.max_steps else ""
+        return (f"{what} {event.step}{of}: loss {f['loss']}, val {f['val']}, {f['speed']} chars/s, "
                 f"{event.elapsed:.0f} s")
 
     def update(self, event: Any) -> None:
@@ -75,7 +76,7 @@ class TrainProgress:
             if event.message:
                 note(event.message)
             self.progress.start()
-        done = event.step / event.max_steps
+        done = event.step / event.max_steps if event.max_steps else 0.0
         if event.max_time:
             done = max(done, event.elapsed / event.max_time)
         fields = self.fields

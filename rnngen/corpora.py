@@ -124,13 +124,22 @@ class Corpus:
         return self.name or ", ".join(p.name for p in self.paths)
 
 
+def _prose_or_code(line: str) -> bool:
+    """False for the help pages' tables (their borders and padded rows) and rules under headings: a model
+    trained on them writes runs of dashes and spaces, not text."""
+    s = line.strip()
+    return not (s[:1] in ("+", "|") or (s and sum(c in "-=+|*~^" for c in s) >= len(s) / 2))
+
+
 def builtin_text() -> str:
-    """The built-in corpus: Python's interactive help topics (about 0.5 MB of English prose)."""
+    """The built-in corpus: Python's interactive help topics (about 0.45 MB of English prose and code
+    examples), without their tables and heading rules."""
     try:
         from pydoc_data.topics import topics
     except ImportError:  # some distributions strip pydoc_data
         raise InputError("this Python has no pydoc_data, so there is no built-in corpus; pass a text file") from None
-    return "\n\n".join(topics[key].strip() for key in sorted(topics)) + "\n"
+    pages = ("\n".join(line for line in topics[key].strip().splitlines() if _prose_or_code(line)) for key in sorted(topics))
+    return "\n\n".join(pages) + "\n"
 
 
 def builtin_corpus() -> Corpus:

@@ -17,6 +17,7 @@ from .classify import classify_texts, evaluate_classifier
 from .config import SampleConfig
 from .errors import InputError
 from .generate import Sampler
+from .inspect import Inspection, inspect_text
 from .labelled import LabelledData
 from .model import RNNModel
 from .runtime import evaluate
@@ -75,6 +76,11 @@ class LoadedModel(Sampler):
             raise InputError("the text is too short to evaluate; give it at least two characters")
         result = evaluate(self.model, tokens, self.tokenizer.char_lengths(), self.device)
         return {**result, "unknown_characters": self.unknown_characters(text)}
+
+    def inspect(self, text: str, features: dict[str, str] | None = None, **options: Any) -> Inspection:
+        """What the model makes of ``text`` (`rnngen inspect`): each character's surprisal, the cells that follow
+        simple features of the text (and ``features``: name -> regex), and how its gates saturate."""
+        return inspect_text(self.model, self.tokenizer, text, features=features, **options)
 
     def summary(self) -> dict[str, Any]:
         """What the checkpoint is: model, tokenizer, what it was trained on and how well, its history

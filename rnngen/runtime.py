@@ -6,6 +6,8 @@ Shared by training, the loaded model and the tools built on it (inspection, expo
 from __future__ import annotations
 
 import math
+import os
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -79,3 +81,65 @@ def evaluate(model: RNNModel, tokens: np.ndarray, char_lengths: np.ndarray, devi
     per_char = total_nats / max(1, total_chars)
     return {"loss": loss, "nats_per_char": per_char, "bits_per_char": per_char / LN2,
             "perplexity": math.exp(min(loss, 50.0)), "tokens": int(total_tokens)}
+
+
+def _jiffies() -> tuple[int, int, int] | None:
+    """CPU time so far (in clock ticks): the machine's busy time, its total time, and this process's; None
+    where /proc is not there to read."""
+    try:
+        with open("/proc/stat") as f:
+            user, nice, system, idle, iowait, irq, softirq, steal, *_ = map(int, f.readline().split()[1:])
+        with open("/proc/self/stat") as f:
+            own = f.read().rsplit(")", 1)[1].split()  # after the name, which may hold spaces
+    except (OSError, ValueError):
+        return None
+    busy = user + nice + system + irq + softirq + steal
+    return busy, busy + idle + iowait, int(own[11]) + int(own[12])  # utime + stime
+
+
+class ThreadTuner:
+    """Trains with one thread while other processes use the CPU, with all of them while it is free.
+
+    Alone on a machine, OpenMP's threads share each step's work and wait for each other by spinning. Beside
+    another CPU job they spin while the other job holds the cores, and steps take many times as long, for both
+    jobs (measured on 2 cores, benchmarks/busy_machine.py: 12.6x and 8.2x); one thread never waits for another.
+    Every ``CHECK`` seconds the machine's CPU time, less this process's own, says how many cores others use.
+    """
+
+    CHECK = 2.0  # seconds between looks at the machine
+    BUSY, FREE = 0.5, 0.25  # cores used by others above which one thread is used, below which all again
+
+    def __init__(self, device: torch.device, others: Callable[[], float | None] | None = None) -> None:
+        self.counts = (torch.get_num_threads(), 1)
+        # RNNGEN_THREADS=keep: leave the threads as they are (to compare, or when the user pins them).
+        self.enabled = device.type == "cpu" and self.counts[0] > 1 and os.environ.get("RNNGEN_THREADS") != "keep"
+        self.others = others or self._others_from_proc
+        self.current, self.next_check = self.counts[0], 0.0
+        self._last = _jiffies()
+
+    def _others_from_proc(self) -> float | None:
+        """Cores used by other processes since the last look (None if it cannot be read)."""
+        now = _jiffies()
+        last, self._last = self._last, now
+        if now is None or last is None or now[1] <= last[1]:
+            return None
+        busy, total, own = (a - b for a, b in zip(now, last))
+        return max(0.0, busy - own) / total * (os.cpu_count() or 1)
+
+    def step_done(self, seconds: float, elapsed: float) -> None:
+        """Called after each training step, ``elapsed`` seconds into the run; maybe change the threads."""
+        if not self.enabled or elapsed < self.next_check:
+            return
+        self.next_check = elapsed + self.CHECK
+        others = self.others()
+        if others is None:
+            return
+        wanted = self.counts[1] if others > self.BUSY else self.counts[0] if others < self.FREE else self.current
+        if wanted != self.current:
+            self.current = wanted
+            torch.set_num_threads(wanted)
+
+    def restore(self) -> None:
+        """Back to the thread count the run started with."""
+        if self.enabled:
+            torch.set_num_threads(self.counts[0])

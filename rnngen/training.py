@@ -20,11 +20,12 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoint import LAST, load_checkpoint, load_trainer_state
-from .config import SHAPE_FIELDS, ModelConfig, TokenizerConfig, TrainConfig, from_dict, split_options, to_dict
+from .config import SHAPE_FIELDS, ModelConfig, TokenizerConfig, TrainConfig, from_dict, pick, split_options, to_dict
 from .corpora import Corpus, resolve_corpus
 from .data import StreamBatches, TokenSplit, tokenize_to_file
 from .distributed import Dist, session
 from .errors import InputError
+from .choose import Choice, CorpusStats, choose_model, choose_recipe, choose_tokenizer, describe, probe_steps_per_second
 from .generate import Sampler
 from .loop import RunResult, TrainEvent, TrainLoop, refuse_existing_run, resume_point, run_to_end
 from .model import RNNModel, detach_state
@@ -32,6 +33,7 @@ from .runtime import autocast, evaluate, resolve_device
 from .tokenizers import CharTokenizer, Tokenizer, fit_tokenizer, tokenizer_from_dict
 
 SAMPLE_TEMPERATURE = 0.8  # of the samples shown at evaluations
+PLAIN_STEPS = 1000  # --preset plain with neither --max-steps nor --max-time
 
 
 class Trainer(TrainLoop):
@@ -56,7 +58,9 @@ class Trainer(TrainLoop):
     def headline(self) -> str:
         processes = f" x {self.dist.world_size} processes" if self.dist.enabled else ""
         what = self.meta.get("training", {}).get("corpus", "")
-        return (f"{'resuming at step ' + str(self.pos.step) if self.resumed else 'training'} on {what}: "
+        chosen = self.meta.get("training", {}).get("chosen")
+        said = f"chosen for this corpus and budget: {chosen['line']}\n" if chosen and not self.resumed else ""
+        return (f"{said}{'resuming at step ' + str(self.pos.step) if self.resumed else 'training'} on {what}: "
                 f"{self.model.num_parameters():,} parameters, {len(self.split.tokens):,} tokens, device "
                 f"{self.device.type}{processes}, {'bf16' if self.bf16 else 'fp32'}, into {self.run_dir}")
 
@@ -131,6 +135,7 @@ class _RunData:
     best_val: dict[str, float] = field(default_factory=dict)  # resuming: the best validation so far
     # Fine-tuning: the configuration the base checkpoint (meta's training.base) is adapted to.
     base_model: dict[str, Any] | None = None
+    model: dict[str, Any] = field(default_factory=dict)  # a new model's options: given, then chosen
 
 
 def prepare_run(sources: list[str], out: str | Path, resume: bool = False, encoding: str = "utf-8",
@@ -160,21 +165,32 @@ def prepare_run(sources: list[str], out: str | Path, resume: bool = False, encod
     else:
         data = dist.from_main(lambda: _new_run_data(sources, run_dir, encoding, errors, tok_opts, train_opts,
                                                     base, model_opts))
-    return dist.agree(lambda: _build_trainer(data, run_dir, resume, model_opts, callback, stop, dist))
+    return dist.agree(lambda: _build_trainer(data, run_dir, resume, callback, stop, dist))
 
 
 def _new_run_data(sources: list[str], run_dir: Path, encoding: str, errors: str, tok_opts: dict[str, Any],
                   train_opts: dict[str, Any], base: str | None = None,
                   model_opts: dict[str, Any] | None = None) -> _RunData:
     refuse_existing_run(run_dir)
-    config = TrainConfig(**train_opts)
-    tok_config = TokenizerConfig(**tok_opts)
+    model_opts = dict(model_opts or {})
+    config = TrainConfig(**train_opts)  # the options given, checked before the corpus is read
+    TokenizerConfig(**tok_opts)
     corpus = resolve_corpus(sources, encoding, errors)
-    resolve_device(config.device)  # refuse a missing device before reading the corpus
+    device = resolve_device(config.device)  # refuse a missing device before reading the corpus
+    auto = config.preset == "auto" and not base  # fine-tuning keeps its base's network and tokenizer
+    given = {**tok_opts, **model_opts, **train_opts}
+    choice = Choice()
+    stats = CorpusStats.of(corpus) if auto else None
+    if stats is not None:
+        choose_tokenizer(stats, given, choice)
+        choose_model(device, given, choice)
+        tok_opts = {**pick(choice.options, TokenizerConfig), **tok_opts}
+        model_opts = {**pick(choice.options, ModelConfig), **model_opts}
+    tok_config = TokenizerConfig(**tok_opts)
     fine_tune: dict[str, Any] = {}
     base_model = None
     if base:
-        tokenizer, base_model, fine_tune = fine_tune_base(base, corpus, tok_opts, model_opts or {})
+        tokenizer, base_model, fine_tune = fine_tune_base(base, corpus, tok_opts, model_opts)
     else:
         tokenizer = fit_tokenizer(corpus.chunks(), tok_config.tokenizer, tok_config.vocab_size,
                                   tok_config.min_char_count)
@@ -184,11 +200,24 @@ def _new_run_data(sources: list[str], run_dir: Path, encoding: str, errors: str,
         # In slices: the token file may be larger than memory, and so would a comparison of it all at once.
         fine_tune["unknown_tokens"] = sum(int(np.count_nonzero(tokens[i:i + (1 << 24)] == tokenizer.unk_id))
                                           for i in range(0, len(tokens), 1 << 24))
-    meta = {"training": {"corpus": corpus.describe(), "tokens": len(tokens), **fine_tune},
+    train_tokens = int(len(tokens) * (1 - config.val_fraction))
+    if stats is not None:
+        model_config = ModelConfig(vocab_size=tokenizer.vocab_size, **model_opts)
+        speed = probe_steps_per_second(model_config, config, device) if config.max_time else None
+        expected, _ = choose_recipe(config, given, train_tokens, speed, choice)
+        model_opts = {**pick(choice.options, ModelConfig), **model_opts}
+        config = replace(config, **{**pick(choice.options, TrainConfig), **train_opts})
+        choice.line = describe({"chars": stats.chars, **to_dict(ModelConfig(vocab_size=tokenizer.vocab_size,
+                                                                                 **model_opts)),
+                                "tokenizer": tokenizer.kind}, stats, config, expected, speed, device)
+    elif config.max_steps is None and config.max_time is None:
+        config = replace(config, max_steps=PLAIN_STEPS)
+    meta = {"training": {"corpus": corpus.describe(), "tokens": len(tokens), **fine_tune,
+                         **({"chosen": choice.to_dict()} if choice.line else {})},
             "resume": {"corpus": {"paths": [str(p.resolve()) for p in corpus.paths], "encoding": encoding,
                                   "errors": errors, "fingerprint": fingerprint}}}
     return _RunData(corpus, fingerprint, tokenizer.to_dict(), config, meta,
-                    base_model=to_dict(base_model) if base_model else None)
+                    base_model=to_dict(base_model) if base_model else None, model=model_opts)
 
 
 def load_base(base: str, model_opts: dict[str, Any],
@@ -240,7 +269,7 @@ def load_base_model(data: _RunData) -> RNNModel:
     return model.adapted(from_dict(ModelConfig, data.base_model or {}))
 
 
-RUN_FACTS = ("corpus", "tokens", "base", "added_characters", "unknown_tokens")  # what a resumed run keeps saying
+RUN_FACTS = ("corpus", "tokens", "base", "added_characters", "unknown_tokens", "chosen")  # what a resumed run keeps saying
 
 
 def _resume_data(sources: list[str], run_dir: Path, encoding: str, errors: str,
@@ -268,8 +297,7 @@ def _resume_data(sources: list[str], run_dir: Path, encoding: str, errors: str,
     return _RunData(corpus, fingerprint, tokenizer.to_dict(), config, meta, dict(training.get("best_val") or {}))
 
 
-def _build_trainer(data: _RunData, run_dir: Path, resume: bool, model_opts: dict[str, Any],
-                   callback: Callable[[TrainEvent], None] | None, stop: threading.Event | None,
+def _build_trainer(data: _RunData, run_dir: Path, resume: bool, callback: Callable[[TrainEvent], None] | None, stop: threading.Event | None,
                    dist: Dist) -> Trainer:
     """On every rank: open the token cache rank 0 filled, then build (or load) the model and its Trainer."""
     config = data.config
@@ -285,7 +313,7 @@ def _build_trainer(data: _RunData, run_dir: Path, resume: bool, model_opts: dict
     if not resume:
         torch.manual_seed(config.seed)  # the same initial weights on every rank
         model = (load_base_model(data) if data.base_model
-                 else RNNModel(ModelConfig(vocab_size=tokenizer.vocab_size, **model_opts)))
+                 else RNNModel(ModelConfig(vocab_size=tokenizer.vocab_size, **data.model)))
         return Trainer(model, tokenizer, split, config, run_dir, meta, device, callback, stop, dist)
     state, tensors = load_trainer_state(run_dir / LAST)
     model, _, _, _ = load_checkpoint(run_dir / LAST, device)

@@ -96,7 +96,8 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     corpus.write_text(builtin_text()[:60_000], encoding="utf-8")
     run = root / "run"
     os.environ.setdefault("RNNGEN_CACHE_DIR", str(root / "cache"))
+    # --preset plain: a fixed base for the tests that build on it (tests/test_choose.py tests the choosing).
     proc = run_cli("train", str(corpus), "--out", str(run), "--max-steps", "60", "--eval-every", "30", *TINY,
-                   "--quiet")
+                   "--preset", "plain", "--quiet")
     assert proc.returncode == 0, proc.stderr
     return run

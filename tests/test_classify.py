@@ -157,7 +157,7 @@ def test_fine_tune_a_language_model_then_sample_and_classify(tiny_run: Path, ord
     lm = rnngen.load(str(tiny_run))
     run = tmp_path / "ft"
     proc = run_cli("classify", "train", str(order_csv), "--from", str(tiny_run), "--out", str(run),
-                   "--max-epochs", "6", "--lr", "5e-3", "--unfreeze-every", "20", "--device", "cpu", "--json")
+                   "--max-epochs", "10", "--lr", "5e-3", "--unfreeze-every", "20", "--device", "cpu", "--json")
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["best"]["accuracy"] >= 0.9
     gen = rnngen.load(str(run))

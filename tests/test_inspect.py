@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+
+import rnngen
 import torch
 from conftest import run_cli
 
@@ -188,6 +190,10 @@ def test_surprisal_summary_equals_rnngen_eval(name: str, small_runs: dict[str, P
     for key in ("nats_per_char", "bits_per_char", "loss"):
         assert result["summary"][key] == pytest.approx(expected[key], rel=1e-5, abs=1e-6)
     assert result["summary"]["tokens"] == expected["tokens"]
+    loaded = rnngen.load(str(small_runs[name]))  # the same through the Python API's loaded model
+    in_python = loaded.inspect(text.read_text(encoding="utf-8")).surprisal.summary
+    assert in_python["nats_per_char"] == pytest.approx(loaded.evaluate(text.read_text(encoding="utf-8"))["nats_per_char"],
+                                                       rel=1e-5)
 
 
 def test_per_character_surprisal_adds_up_and_excludes_label_tokens() -> None:

@@ -1,0 +1,176 @@
+"""Choosing a language-model run's configuration for its corpus, its budget and the machine (``--preset auto``).
+
+Every option the user gives wins; the rest is chosen here, by rules that each have a reason, and the choice is
+said in one line before training, kept in config.json (``training.chosen``) and shown by `rnngen info`. A resumed
+run keeps what was chosen: nothing is chosen again.
+
+The rules and their reasons:
+
+- **Budget.** ``--max-time`` alone trains for that time, ``--max-steps`` alone for those steps. With neither, the
+  run reads the training text about ``DEFAULT_PASSES`` times (at least ``MIN_STEPS``, at most ``MAX_STEPS``
+  steps) and stops early once ``DEFAULT_PATIENCE`` evaluations in a row have not improved: a small corpus is
+  learnt without a guess at its size, a large one is bounded.
+- **Tokenizer.** Characters, unless the alphabet is huge (Chinese, Japanese): with more than ``HUGE_ALPHABET``
+  distinct characters of which the ``COMMON`` most frequent cover less than ``COVERAGE`` of the text, most
+  characters are rare, each is seen too seldom to learn and the output layer grows with the alphabet; BPE
+  subwords (with byte fallback: nothing is unknown) share what the rare characters have in common.
+- **Model.** On the CPU, 2x256 (the size whose throughput matches the reference char-LSTM); on CUDA, 3x512 (the
+  size that reached the lowest loss within 120 s on an H200 in the GPU benchmarks).
+- **Schedule.** Warm-up, a constant peak, then a linear decay over the last fifth (``wsd``): measured on a
+  465 kB corpus in 120 s (issue 17), a cosine over a short budget halves the mean learning rate and cost 0.2
+  nats/char; a run bounded by time does not know its length until it nears the end, where the decay sits.
+- **Regularisation.** Dropout only when the run will read the corpus more than ``OVERFIT_PASSES`` times:
+  before that the model is still underfitting and dropout only slows it down (measured in the same 120 s).
+  The expected passes come from the measured speed (a probe of a few steps) and the budget.
+- **Evaluation.** About ``EVALUATIONS`` evaluations per run, each on at most ``EVAL_TOKENS`` validation
+  tokens, so that evaluating costs a small share of the budget on any corpus.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .config import ModelConfig, TrainConfig
+from .corpora import Corpus
+from .model import RNNModel
+from .runtime import autocast, use_bf16
+
+DEFAULT_PASSES = 20
+MIN_STEPS, MAX_STEPS = 1000, 20000
+DEFAULT_PATIENCE = 5
+HUGE_ALPHABET, COMMON, COVERAGE = 2000, 500, 0.97
+SUBWORD_VOCAB = 8000
+OVERFIT_PASSES = 20
+EVALUATIONS = 10
+EVAL_TOKENS = 1 << 20
+SAMPLE_CHARS = 32 << 20  # characters of a large corpus read for its statistics
+PROBE_STEPS = 3  # timed training steps of the probe (after one untimed)
+
+
+@dataclass(frozen=True)
+class CorpusStats:
+    """What the choice needs to know of a corpus (from its first ``SAMPLE_CHARS`` characters)."""
+
+    chars: int  # in the sample
+    alphabet: int  # distinct characters
+    common_coverage: float  # share of the text covered by the COMMON most frequent characters
+    whole: bool  # the sample is the whole corpus
+
+    @classmethod
+    def of(cls, corpus: Corpus) -> CorpusStats:
+        counts: Counter[str] = Counter()
+        read, whole = 0, True
+        for chunk in corpus.chunks():
+            counts.update(chunk)
+            read += len(chunk)
+            if read >= SAMPLE_CHARS:
+                whole = False
+                break
+        covered = sum(n for _, n in counts.most_common(COMMON))
+        return cls(read, len(counts), covered / max(1, read), whole)
+
+
+@dataclass
+class Choice:
+    """The options chosen (only those the user left unset), why, and the line that says so."""
+
+    options: dict[str, Any] = field(default_factory=dict)
+    reasons: list[str] = field(default_factory=list)
+    line: str = ""
+
+    def set(self, given: dict[str, Any], name: str, value: Any, reason: str) -> None:
+        """Choose ``value`` for ``name`` unless the user gave it."""
+        if given.get(name) is None:
+            self.options[name] = value
+            self.reasons.append(f"{name} {value}: {reason}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"line": self.line, "options": self.options, "reasons": self.reasons}
+
+
+def choose_tokenizer(stats: CorpusStats, given: dict[str, Any], choice: Choice) -> None:
+    if stats.alphabet > HUGE_ALPHABET and stats.common_coverage < COVERAGE:
+        choice.set(given, "tokenizer", "bpe", f"{stats.alphabet:,} distinct characters, the {COMMON} most frequent "
+                                               f"cover {stats.common_coverage:.0%}: subwords")
+        choice.set(given, "vocab_size", SUBWORD_VOCAB, "subword vocabulary")
+    else:
+        choice.set(given, "tokenizer", "char", f"{stats.alphabet:,} distinct characters")
+
+
+def choose_model(device: torch.device, given: dict[str, Any], choice: Choice) -> None:
+    layers, hidden = (3, 512) if device.type == "cuda" else (2, 256)
+    choice.set(given, "layers", layers, f"on {device.type}")
+    choice.set(given, "hidden", hidden, f"on {device.type}")
+
+
+def default_steps(train_tokens: int, tokens_per_step: int) -> int:
+    """Steps that read the training text DEFAULT_PASSES times, within [MIN_STEPS, MAX_STEPS]."""
+    return max(MIN_STEPS, min(MAX_STEPS, round(DEFAULT_PASSES * train_tokens / max(1, tokens_per_step))))
+
+
+def probe_steps_per_second(model_config: ModelConfig, config: TrainConfig, device: torch.device) -> float:
+    """Training steps per second of this model and batch on this machine: a few steps on random tokens."""
+    torch.manual_seed(0)
+    model = RNNModel(model_config).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    tokens = torch.randint(0, model_config.vocab_size, (config.batch_size, config.seq_len + 1), device=device)
+    bf16 = use_bf16(device, config.precision)
+
+    def step() -> None:
+        with autocast(device, bf16):
+            logits, _ = model(tokens[:, :-1])
+        loss = F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    step()  # the first step allocates and warms up the kernels
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    started = time.perf_counter()
+    for _ in range(PROBE_STEPS):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return PROBE_STEPS / max(1e-9, time.perf_counter() - started)
+
+
+def choose_recipe(config: TrainConfig, given: dict[str, Any], train_tokens: int, steps_per_second: float | None,
+                  choice: Choice) -> tuple[int | None, float]:
+    """Budget, schedule, regularisation and evaluation cadence; returns the steps expected and the passes."""
+    tokens_per_step = config.batch_size * config.seq_len
+    if config.max_steps is None and config.max_time is None:
+        steps = default_steps(train_tokens, tokens_per_step)
+        choice.set(given, "max_steps", steps, f"about {DEFAULT_PASSES} passes over the training text")
+        choice.set(given, "patience", DEFAULT_PATIENCE, "stop once validation stops improving")
+    expected = config.max_steps or choice.options.get("max_steps")
+    if config.max_time and steps_per_second:
+        by_time = round(config.max_time * steps_per_second)
+        expected = min(expected, by_time) if expected else by_time
+    passes = (expected or 0) * tokens_per_step / max(1, train_tokens)
+    choice.set(given, "schedule", "wsd", "constant rate, decay at the end: right for any budget")
+    if passes < OVERFIT_PASSES:
+        choice.set(given, "dropout", 0.0, f"~{passes:.0f} passes over the text: still underfitting")
+    if expected:
+        choice.set(given, "eval_every", max(25, round(expected / EVALUATIONS)), f"about {EVALUATIONS} evaluations")
+    choice.set(given, "eval_max_tokens", EVAL_TOKENS, "evaluation stays a small share of the budget")
+    return expected, passes
+
+
+def describe(options: dict[str, Any], stats: CorpusStats, config: TrainConfig, expected: int | None,
+             steps_per_second: float | None, device: torch.device) -> str:
+    """The one line said before training: e.g. ``2x256 lstm, char, batch 64, lr 2e-3 wsd, dropout 0: ...``."""
+    budget = (f"{config.max_time:g} s" if config.max_time else "") + (
+        f"{' or ' if config.max_time else ''}{config.max_steps:,} steps" if config.max_steps else "")
+    speed = f", ~{steps_per_second:.1f} steps/s" if steps_per_second else ""
+    total = f" (~{expected:,} steps)" if expected and config.max_time else ""
+    size = f"{options['chars'] / 1e3:,.0f}k chars" if stats.whole else f">{stats.chars / 1e6:,.0f}M chars"
+    return (f"{options['layers']}x{options['hidden']} {options['arch']}, {options['tokenizer']}, batch {config.batch_size},"
+            f" lr {config.lr:g} {config.schedule}, dropout {options['dropout']:g}: {size}, {budget}{total} on "
+            f"{device.type}{speed}")

@@ -1,0 +1,166 @@
+"""--preset auto: the rules that choose a run's configuration, and what a run does with the choice."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import rnngen
+from rnngen import choose
+from rnngen.choose import Choice, CorpusStats
+from rnngen.config import TrainConfig
+from rnngen.corpora import Corpus
+from rnngen.loop import lr_at
+
+from conftest import run_cli
+
+SMALL = {"hidden": 16, "emb_dim": 8, "layers": 1, "batch_size": 4, "seq_len": 16, "warmup_steps": 2}
+
+
+def stats_of(text: str, tmp_path: Path) -> CorpusStats:
+    path = tmp_path / "corpus.txt"
+    path.write_text(text, encoding="utf-8")
+    return CorpusStats.of(Corpus((path,), "utf-8", "strict"))
+
+
+def test_a_huge_alphabet_gets_subwords_and_a_small_one_characters(tmp_path: Path) -> None:
+    english = stats_of("the quick brown fox jumps over the lazy dog\n" * 200, tmp_path)
+    choice = Choice()
+    choose.choose_tokenizer(english, {}, choice)
+    assert choice.options == {"tokenizer": "char"}
+    # 4,000 distinct CJK characters, evenly used: the 500 most frequent cover an eighth of the text.
+    cjk = stats_of("".join(chr(0x4E00 + i % 4000) for i in range(40_000)), tmp_path)
+    assert cjk.alphabet == 4000 and cjk.common_coverage == pytest.approx(0.125)
+    choice = Choice()
+    choose.choose_tokenizer(cjk, {}, choice)
+    assert choice.options == {"tokenizer": "bpe", "vocab_size": choose.SUBWORD_VOCAB}
+    choice = Choice()
+    choose.choose_tokenizer(cjk, {"tokenizer": "char"}, choice)  # what the user gives wins
+    assert "tokenizer" not in choice.options
+
+
+def test_the_model_size_follows_the_device() -> None:
+    cpu, cuda = Choice(), Choice()
+    choose.choose_model(torch.device("cpu"), {}, cpu)
+    choose.choose_model(torch.device("cuda"), {"hidden": 128}, cuda)
+    assert cpu.options == {"layers": 2, "hidden": 256} and cuda.options == {"layers": 3}
+
+
+def test_the_default_budget_reads_the_text_a_few_times_within_bounds() -> None:
+    assert choose.default_steps(train_tokens=500_000, tokens_per_step=8192) == round(20 * 500_000 / 8192)
+    assert choose.default_steps(10_000, 8192) == choose.MIN_STEPS
+    assert choose.default_steps(10**10, 8192) == choose.MAX_STEPS
+
+
+def test_the_recipe_for_each_budget() -> None:
+    config = TrainConfig()  # neither --max-steps nor --max-time: bounded steps, and early stopping
+    choice = Choice()
+    expected, passes = choose.choose_recipe(config, {}, 500_000, None, choice)
+    assert choice.options["max_steps"] == expected == choose.default_steps(500_000, 8192)
+    assert choice.options["patience"] == choose.DEFAULT_PATIENCE and passes == pytest.approx(20, rel=0.01)
+    assert "dropout" not in choice.options  # 20 passes: dropout stays (the model can overfit)
+    assert choice.options["eval_every"] == round(expected / choose.EVALUATIONS)
+
+    timed = TrainConfig(max_time=120)  # 120 s at 4 steps/s on a 465 kB corpus: ~9 passes, still underfitting
+    choice = Choice()
+    expected, passes = choose.choose_recipe(timed, {"max_time": 120}, 420_000, 4.0, choice)
+    assert expected == 480 and "max_steps" not in choice.options and "patience" not in choice.options
+    assert choice.options["dropout"] == 0.0 and choice.options["schedule"] == "wsd"
+    choice = Choice()
+    choose.choose_recipe(timed, {"max_time": 120, "dropout": 0.3, "schedule": "cosine"}, 420_000, 4.0, choice)
+    assert "dropout" not in choice.options and "schedule" not in choice.options  # given options win
+
+
+def test_wsd_holds_the_peak_then_decays_over_the_last_fifth() -> None:
+    config = TrainConfig(schedule="wsd", warmup_steps=0, lr=1e-3, min_lr_ratio=0.1)
+    assert lr_at(config, 10, 0.0) == pytest.approx(1e-3) and lr_at(config, 10, 0.8) == pytest.approx(1e-3)
+    assert lr_at(config, 10, 0.9) == pytest.approx(1e-3 * (0.1 + 0.9 * 0.5))
+    assert lr_at(config, 10, 1.0) == pytest.approx(1e-4)
+    cosine = TrainConfig(schedule="cosine", warmup_steps=0, lr=1e-3, min_lr_ratio=0.1)
+    assert lr_at(cosine, 10, 0.5) == pytest.approx(1e-3 * 0.55)
+
+
+def test_max_time_alone_trains_until_the_time(tmp_path: Path, prose_corpus: Path) -> None:
+    result = rnngen.train([str(prose_corpus)], out=str(tmp_path / "run"), max_time=4, **SMALL)
+    assert result.stopped == "max_time" and result.elapsed >= 4
+    config = json.loads((tmp_path / "run" / "last" / "config.json").read_text())["training"]
+    assert config["train_config"]["max_steps"] is None  # no hidden cap on the steps
+
+
+def test_the_printed_choice_is_what_was_trained_and_resume_keeps_it(tmp_path: Path, prose_corpus: Path) -> None:
+    run = tmp_path / "run"
+    proc = run_cli("train", str(prose_corpus), "--out", str(run), "--max-steps", "30", "--hidden", "24",
+                   "--emb-dim", "8", "--batch-size", "4", "--seq-len", "16", "--dropout", "0.2", "--sample-length", "0")
+    assert proc.returncode == 0, proc.stderr
+    said = [line for line in proc.stderr.splitlines() if line.startswith("chosen for this corpus and budget: ")]
+    assert len(said) == 1
+    training = json.loads((run / "best" / "config.json").read_text())["training"]
+    chosen = training["chosen"]
+    assert said[0].endswith(chosen["line"])
+    model = rnngen.load(str(run)).model.config
+    # Options given win (hidden 24, dropout 0.2, 30 steps); the rest is the choice: 2 layers on the CPU, wsd.
+    assert (model.hidden, model.dropout, model.layers) == (24, 0.2, 2) and "2x24 lstm" in chosen["line"]
+    assert "hidden" not in chosen["options"] and "dropout" not in chosen["options"]
+    assert training["train_config"]["schedule"] == "wsd" == chosen["options"]["schedule"]
+    assert training["train_config"]["max_steps"] == 30
+    info = run_cli("info", str(run))
+    assert chosen["line"] in info.stdout
+    resumed = run_cli("train", "--resume", "--out", str(run), "--max-steps", "40", "--sample-length", "0")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "chosen for this corpus" not in resumed.stderr  # nothing is chosen again
+    again = json.loads((run / "best" / "config.json").read_text())["training"]
+    assert again["chosen"] == chosen and again["train_config"]["schedule"] == "wsd" and again["step"] == 40
+
+
+def test_plain_keeps_the_fixed_defaults(tmp_path: Path, prose_corpus: Path) -> None:
+    result = rnngen.train([str(prose_corpus)], out=str(tmp_path / "run"), preset="plain", max_steps=5, **SMALL)
+    training = json.loads((tmp_path / "run" / "best" / "config.json").read_text())["training"]
+    assert "chosen" not in training and training["train_config"]["schedule"] == "cosine" and result.steps == 5
+
+
+def test_the_thread_tuner_uses_one_thread_while_others_use_the_cpu() -> None:
+    """Other processes' CPU use, as the machine reports it, decides: one thread above half a core, all the
+    threads again once they use less than a quarter (between the two, nothing changes)."""
+    from rnngen.runtime import ThreadTuner
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    load = [0.0]
+    try:
+        tuner = ThreadTuner(torch.device("cpu"), others=lambda: load[0])
+        seen = []
+        for second, others in enumerate([0.1, 0.1, 1.6, 1.8, 0.4, 0.4, 0.1, 0.0]):
+            load[0] = others
+            tuner.step_done(0.1, elapsed=float(second * tuner.CHECK))
+            seen.append(torch.get_num_threads())
+        assert seen == [2, 2, 1, 1, 1, 1, 2, 2]
+        tuner.step_done(0.1, elapsed=7 * tuner.CHECK + 0.5)  # between looks: nothing is read or changed
+        load[0] = 1.9
+        assert torch.get_num_threads() == 2
+        tuner.step_done(0.1, elapsed=9 * tuner.CHECK)
+        assert torch.get_num_threads() == 1
+        tuner.restore()
+        assert torch.get_num_threads() == 2
+        real = ThreadTuner(torch.device("cpu"))  # the machine's own numbers: a share of its cores
+        sum(i * i for i in range(200_000))
+        others = real._others_from_proc()
+        assert others is None or 0.0 <= others <= (os.cpu_count() or 1)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_the_thread_tuner_stays_off_where_it_has_nothing_to_choose() -> None:
+    from rnngen.runtime import ThreadTuner
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert not ThreadTuner(torch.device("cpu")).enabled
+        torch.set_num_threads(2)
+        assert not ThreadTuner(torch.device("cuda")).enabled
+    finally:
+        torch.set_num_threads(before)
