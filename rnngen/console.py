@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
@@ -12,6 +13,8 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 from rich.text import Text
+
+from .errors import InputError
 
 # Off a terminal (a pipe, a file, a CI log) nothing is redrawn and no line is cut to fit 80 columns.
 WIDE = 160
@@ -196,17 +199,33 @@ def info(summary: dict[str, Any]) -> None:
         stdout.print(Text(summary["last_sample"]["text"].rstrip("\n")), soft_wrap=True)
 
 
-def plot_curves(metrics: list[dict[str, Any]], title: str, output: str) -> None:
-    """Training and validation loss against step and time, written to ``output`` (needs matplotlib)."""
-    from .errors import InputError
-
+def pyplot(option: str) -> Any:
+    """matplotlib's pyplot, drawing to files (Agg), or an InputError naming what ``option`` needs installed."""
     try:
         import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
     except ImportError:
-        raise InputError("plotting needs matplotlib: pip install 'rnngen[plot]'") from None
+        raise InputError(f"{option} needs matplotlib: pip install 'rnngen[plot]'") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig: Any, path: str | Path, dpi: int) -> None:
+    """Write a matplotlib figure (and close it); an unwritable path is an InputError."""
+    import matplotlib.pyplot as plt
+
+    try:
+        fig.savefig(path, dpi=dpi)
+    except OSError as exc:
+        raise InputError(f"cannot write {path}: {exc.strerror}; pick another path") from None
+    finally:
+        plt.close(fig)
+
+
+def plot_curves(metrics: list[dict[str, Any]], title: str, output: str) -> None:
+    """Training and validation loss against step and time, written to ``output`` (needs matplotlib)."""
+    plt = pyplot("plotting")
     if not metrics:
         raise InputError(f"{title} has no metrics.jsonl records to plot; train for at least one evaluation")
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
@@ -220,7 +239,4 @@ def plot_curves(metrics: list[dict[str, Any]], title: str, output: str) -> None:
     axes[0].legend()
     fig.suptitle(title)
     fig.tight_layout()
-    try:
-        fig.savefig(output, dpi=110)
-    except OSError as exc:
-        raise InputError(f"cannot write {output}: {exc.strerror}") from None
+    save_figure(fig, output, 110)

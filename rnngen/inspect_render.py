@@ -15,6 +15,7 @@ from rich.style import Style
 from rich.table import Table
 from rich.text import Text
 
+from .console import pyplot, save_figure
 from .errors import InputError
 from .inspect import LEFT, LN2, RIGHT, Cell, Inspection, Surprisal
 
@@ -158,12 +159,7 @@ def gates_png(inspection: Inspection, path: str | Path) -> None:
     """The paper's gate scatter (one panel per layer) as a PNG; needs matplotlib."""
     if not any(inspection.gates[0]):
         raise InputError("a plain RNN has no gates to plot; use --json or --html for its cells")
-    try:
-        import matplotlib
-    except ImportError:
-        raise InputError("--png needs matplotlib: pip install 'rnngen[plot]'") from None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot("--png")
 
     fig, axes = plt.subplots(1, inspection.layers, figsize=(3.4 * inspection.layers, 3.6), squeeze=False)
     for k, (ax, layer_gates) in enumerate(zip(axes[0], inspection.gates)):
@@ -177,12 +173,7 @@ def gates_png(inspection: Inspection, path: str | Path) -> None:
     axes[0][-1].legend(loc="upper right", fontsize=8)
     fig.suptitle(f"{inspection.arch.upper()} gate saturation ({inspection.steps:,} steps)", fontsize=10)
     fig.tight_layout()
-    try:
-        fig.savefig(path, dpi=110)
-    except OSError as exc:
-        raise InputError(f"cannot write {path}: {exc.strerror}; pick another --png path") from None
-    finally:
-        plt.close(fig)
+    save_figure(fig, path, 110)
 
 
 def _layout(text: str, width: int) -> list[tuple[int, int, str]]:
@@ -201,12 +192,7 @@ def cells_png(inspection: Inspection, path: str | Path, features: list[str] | No
               layer: int | None = None, width: int = 100) -> None:
     """The strongest cell of each feature as coloured text (blue -1, white 0, red +1), one panel per feature,
     as the paper's figures; needs matplotlib."""
-    try:
-        import matplotlib
-    except ImportError:
-        raise InputError("--cells-png needs matplotlib: pip install 'rnngen[plot]'") from None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot("--cells-png")
     from matplotlib.patches import Rectangle
 
     text = inspection.surprisal.text[:max_chars]
@@ -228,12 +214,7 @@ def cells_png(inspection: Inspection, path: str | Path, features: list[str] | No
             if char != "\n":
                 ax.add_patch(Rectangle((col, row), 1, 1, color=tuple(c / 255 for c in rgb), lw=0))
                 ax.text(col + 0.5, row + 0.55, char, ha="center", va="center", family="monospace", fontsize=6.5)
-    try:
-        fig.savefig(path, dpi=120)
-    except OSError as exc:
-        raise InputError(f"cannot write {path}: {exc.strerror}; pick another path") from None
-    finally:
-        plt.close(fig)
+    save_figure(fig, path, 120)
 
 
 # ----------------------------------------------------------------------------------------------- HTML
