@@ -589,7 +589,7 @@ class Server:
         if not isinstance(prompt, str):
             raise ApiError(400, "prompt must be a string (one prompt per request)", param="prompt")
         g = parse_generation(body, self.settings)
-        return await self.respond(engine, prompt, g, chat=False)
+        return await self.respond(request, engine, prompt, g, chat=False)
 
     async def chat_completions(self, request: Request) -> Response:
         body = await self.body(request)
@@ -597,9 +597,9 @@ class Server:
         g = parse_generation(body, self.settings, DEFAULT_STOP)
         user, bot = self.prefixes(engine, body)
         text = chat_text(body.get("messages"), user, bot, g.config.stop[0] if g.config.stop else "\n")
-        return await self.respond(engine, text, g, chat=True)
+        return await self.respond(request, engine, text, g, chat=True)
 
-    async def respond(self, engine: Engine, text: str, g: Generation, chat: bool) -> Response:
+    async def respond(self, request: Request, engine: Engine, text: str, g: Generation, chat: bool) -> Response:
         streams, out, prompt_tokens = await self.generate(engine, text, g)
         ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         base = {"id": ident, "object": "chat.completion.chunk" if chat else "text_completion",
@@ -614,10 +614,14 @@ class Server:
 
         if not g.stream:
             texts: list[list[str]] = [[] for _ in streams]
+            # A client that goes away before the whole text is ready frees its streams at once, as a streaming one
+            # does (its response is never sent).
+            watcher = asyncio.create_task(_cancel_when_gone(request, streams))
             try:
                 async for index, piece, _ in _pieces(out, len(streams)):
                     texts[index].append(piece)
             finally:
+                watcher.cancel()
                 for s in streams:
                     s.cancel()
             if chat:
@@ -801,6 +805,14 @@ class Server:
         """Graceful shutdown: every stream ends with a final event; new generations get a 503."""
         for engine in self.engines.values():
             engine.drain()
+
+
+async def _cancel_when_gone(request: Request, streams: list[Stream], every: float = 0.2) -> None:
+    """Cancel ``streams`` once the client of ``request`` has disconnected."""
+    while not await request.is_disconnected():
+        await asyncio.sleep(every)
+    for stream in streams:
+        stream.cancel()
 
 
 async def _pieces(out: asyncio.Queue, count: int) -> AsyncIterator[tuple[int, str, str | None]]:

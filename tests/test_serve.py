@@ -338,6 +338,23 @@ def test_a_client_that_disconnects_frees_its_stream(server: Served) -> None:
     assert server.metric("rnngen_model_steps_total") == steps  # no step is spent on it any more
 
 
+def test_a_client_that_leaves_a_non_streaming_request_frees_it(server: Served) -> None:
+    """Without streaming too: once the client has gone, the server stops spending steps on its request."""
+    body = {"model": "lm", "max_tokens": 100_000}
+    before = server.metric("rnngen_model_steps_total")
+    with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=1.0) as http:
+        with pytest.raises(httpx.TimeoutException):
+            http.post("/v1/completions", json=body)  # the client gives up after a second and disconnects
+    assert server.metric("rnngen_model_steps_total") > before + 50  # it was generating until then
+    deadline = time.monotonic() + 5
+    while server.metric("rnngen_active_streams") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.metric("rnngen_active_streams") == 0
+    steps = server.metric("rnngen_model_steps_total")
+    time.sleep(0.5)
+    assert server.metric("rnngen_model_steps_total") == steps
+
+
 def test_a_full_queue_is_a_503_with_retry_after(small_server: Served) -> None:
     with httpx.Client(base_url=small_server.url, timeout=60) as http:
         with http.stream("POST", "/v1/completions", json={"model": "lm", "max_tokens": 100_000, "stream": True}) as r:
