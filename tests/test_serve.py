@@ -358,7 +358,8 @@ def test_a_client_that_leaves_a_non_streaming_request_frees_it(server: Served) -
 def test_a_full_queue_is_a_503_with_retry_after(small_server: Served) -> None:
     with httpx.Client(base_url=small_server.url, timeout=60) as http:
         with http.stream("POST", "/v1/completions", json={"model": "lm", "max_tokens": 100_000, "stream": True}) as r:
-            next(r.iter_lines())
+            lines = r.iter_lines()  # kept: a line iterator dropped at once closes the response (a disconnect)
+            next(lines)
             busy = http.post("/v1/completions", json={"model": "lm", "max_tokens": 5})
             assert busy.status_code == 503 and busy.headers["retry-after"] == "1"
             assert busy.json()["error"]["type"] == "server_overloaded"
