@@ -70,6 +70,8 @@ def test_the_recipe_for_each_budget() -> None:
     expected, passes = choose.choose_recipe(timed, {"max_time": 120}, 420_000, 4.0, choice)
     assert expected == 480 and "max_steps" not in choice.options and "patience" not in choice.options
     assert choice.options["dropout"] == 0.0 and choice.options["schedule"] == "wsd"
+    # Evaluations together read what 5% of the budget allows (at three times the training rate per token).
+    assert choice.options["eval_max_tokens"] == int(120 * 0.05 * 4.0 * 8192 * 3 / 10)
     choice = Choice()
     choose.choose_recipe(timed, {"max_time": 120, "dropout": 0.3, "schedule": "cosine"}, 420_000, 4.0, choice)
     assert "dropout" not in choice.options and "schedule" not in choice.options  # given options win
