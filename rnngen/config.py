@@ -196,7 +196,7 @@ class TrainConfig(RunConfig):
     eval_every: int = option(200, "Evaluate and checkpoint every N steps.")  # type: ignore[assignment]
     preset: str = option("auto", "auto: choose the model and the recipe for the corpus, the budget and the machine "
                                  "(every option given wins; said in one line at the start); plain: the fixed "
-                                 "defaults shown here.", choices=PRESETS)
+                                 "defaults shown here, and 1,000 steps when no budget is given.", choices=PRESETS)
     seq_len: int = option(128, "Tokens per backpropagation window.")
     # Share of windows that start from a fresh state instead of the carried one.
     state_reset: float = option(0.3, "Share of windows that start from a fresh state, not the carried one.")

@@ -422,7 +422,7 @@ class TrainLoop:
 
     def _save_due(self) -> bool:
         """Whether a time-based resume point is due: soon after the start, then every ``save_time`` seconds."""
-        every = getattr(self.config, "save_time", 0.0)
+        every = self.config.save_time
         if not every:
             return False
         wait = min(every, FIRST_SAVE_SECONDS) if self._saved_at == 0.0 else every

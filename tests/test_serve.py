@@ -103,7 +103,19 @@ def small_server(tiny_run: Path) -> Iterator[Served]:
 
 
 def client(server: Served, **options: Any) -> httpx.Client:
-    return httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60, **options)
+    return httpx.Client(**{"base_url": server.url, "headers": {"Authorization": f"Bearer {KEY}"}, "timeout": 60,
+                           **options})
+
+
+def assert_no_stream_left(server: Served) -> None:
+    """Within 5 s no stream is active, and then no step is spent any more."""
+    deadline = time.monotonic() + 5
+    while server.metric("rnngen_active_streams") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.metric("rnngen_active_streams") == 0
+    steps = server.metric("rnngen_model_steps_total")
+    time.sleep(0.5)
+    assert server.metric("rnngen_model_steps_total") == steps
 
 
 def events(response: httpx.Response) -> list[Any]:
@@ -329,30 +341,17 @@ def test_a_client_that_disconnects_frees_its_stream(server: Served) -> None:
         for _ in range(10):
             next(lines)
         assert server.metric("rnngen_active_streams") == 1
-    deadline = time.monotonic() + 5
-    while server.metric("rnngen_active_streams") and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert server.metric("rnngen_active_streams") == 0
-    steps = server.metric("rnngen_model_steps_total")
-    time.sleep(0.5)
-    assert server.metric("rnngen_model_steps_total") == steps  # no step is spent on it any more
+    assert_no_stream_left(server)
 
 
 def test_a_client_that_leaves_a_non_streaming_request_frees_it(server: Served) -> None:
     """Without streaming too: once the client has gone, the server stops spending steps on its request."""
     body = {"model": "lm", "max_tokens": 100_000}
     before = server.metric("rnngen_model_steps_total")
-    with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=1.0) as http:
-        with pytest.raises(httpx.TimeoutException):
-            http.post("/v1/completions", json=body)  # the client gives up after a second and disconnects
+    with client(server, timeout=1.0) as http, pytest.raises(httpx.TimeoutException):
+        http.post("/v1/completions", json=body)  # the client gives up after a second and disconnects
     assert server.metric("rnngen_model_steps_total") > before + 50  # it was generating until then
-    deadline = time.monotonic() + 5
-    while server.metric("rnngen_active_streams") and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert server.metric("rnngen_active_streams") == 0
-    steps = server.metric("rnngen_model_steps_total")
-    time.sleep(0.5)
-    assert server.metric("rnngen_model_steps_total") == steps
+    assert_no_stream_left(server)
 
 
 def test_a_full_queue_is_a_503_with_retry_after(small_server: Served) -> None:
