@@ -180,9 +180,11 @@ class ChatSession:
     """A conversation with one model: the recurrent state, the settings, the turns and an undo stack."""
 
     def __init__(self, model: ChatModel, config: SampleConfig | None = None, user_prefix: str = "",
-                 bot_prefix: str = "", primer: str = "", progress: Callable[[int, int], None] | None = None) -> None:
+                 bot_prefix: str = "", primer: str = "", progress: Callable[[int, int], None] | None = None,
+                 start: Cursor | None = None) -> None:
         """``primer``: text read before the conversation (a scene, earlier dialogue, a saved conversation);
-        ``progress(done, total)`` follows its reading (see ``Sampler.feed``)."""
+        ``progress(done, total)`` follows its reading (see ``Sampler.feed``). ``start``: the cursor after the
+        primer, when the caller has read it already (a server reads it between the steps of other streams)."""
         self.gen = model
         self.config = config if config is not None else SampleConfig(length=300, stop=DEFAULT_STOP)
         self.user_prefix, self.bot_prefix = user_prefix, bot_prefix
@@ -195,7 +197,7 @@ class ChatSession:
         # Read once; /reset comes back here. With no primer: as at the start of a paragraph, like
         # `rnngen sample` with no prompt.
         self.primer = primer
-        self.start_cursor = self.gen.start(primer, progress=progress)
+        self.start_cursor = start if start is not None else self.gen.start(primer, progress=progress)
         self.cursor = self.start_cursor.copy()
 
     # -- the conversation -------------------------------------------------------------------------
@@ -250,24 +252,21 @@ class ChatSession:
         if unknown:
             yield Notice(f"{unknown} character(s) not in the model's vocabulary; read as <unk>")
         before = self.snapshot()
+        # The session changes only once the turn ends (record_turn): an interrupt while reading leaves it as it was.
         cursor = self.gen.feed(ids, before.state) if ids else self.snapshot()
-        # Only now, with the new cursor in hand, change the session: an interrupt before this point
-        # leaves it as it was.
-        self.undo_stack.append((before, len(self.turns)))
-        self.cursor = cursor
         shown: list[str] = []
         generated: list[str] = []
         ended = "interrupted"
-        last_good = self.snapshot()
+        last_good = cursor.copy()
         # continue_from runs without stop strings and this scanner ends the reply instead: the cursor
         # has then read exactly the tokens up to the end of the stop string, and we know why it ended.
         scanner = StopScanner(self.config.stop)
-        pieces = self.gen.continue_from(self.cursor, replace(self.config, stop=()), self.rng)
+        pieces = self.gen.continue_from(cursor, replace(self.config, stop=()), self.rng)
         try:
             yield TurnStart()
             for piece in pieces:
                 generated.append(piece)
-                last_good = self.snapshot()
+                last_good = cursor.copy()
                 out, stopped = scanner.push(piece)
                 if out:
                     shown.append(out)
@@ -284,12 +283,19 @@ class ChatSession:
             # Interrupted inside a generation step (e.g. Ctrl-C): the cursor may be half updated, so go
             # back to the last whole token. GeneratorExit (close() at a yield) needs no repair, but the
             # snapshot taken at that yield is the same cursor anyway.
-            self.cursor = last_good
+            cursor = last_good
             raise
         finally:
             pieces.close()  # type: ignore[attr-defined]  # a generator, typed as an Iterator
-            self.turns.append(Turn(line, fed, "".join(shown), "".join(generated), ended))
+            self.record_turn(before, cursor, Turn(line, fed, "".join(shown), "".join(generated), ended))
         yield TurnEnd(ended)
+
+    def record_turn(self, before: Cursor, after: Cursor, turn: Turn) -> None:
+        """Keep ``turn``, which took the conversation from ``before`` to ``after`` (/undo goes back to
+        ``before``): what ``turn`` does at the end of a reply, for a reply generated elsewhere (a server's batch)."""
+        self.undo_stack.append((before, len(self.turns)))
+        self.cursor = after
+        self.turns.append(turn)
 
     # -- commands ---------------------------------------------------------------------------------
     def command(self, text: str) -> Iterator[Event]:

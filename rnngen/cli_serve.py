@@ -69,7 +69,8 @@ def _per_model(values: tuple[str, ...], names: dict[str, str]) -> dict[str, str]
 @click.option("--max-request-bytes", type=click.IntRange(min=1), default=1_000_000, show_default=True,
               help="Largest request body; beyond it a 413.")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=300.0, show_default=True,
-              help="Seconds a generation may take (it then ends with finish_reason time_limit).")
+              help="Seconds a request may take, from its arrival: a generation then ends with finish_reason "
+                   "time_limit; a prompt, classification or score not done by then is a 408.")
 @click.option("--session-ttl", type=click.FloatRange(min=0, min_open=True), default=1800.0, show_default=True,
               help="Seconds a chat session is kept after its last use.")
 @click.option("--user-prefix", multiple=True, help="Chat: put before each user message, e.g. 'ROMEO:'; MODEL=TEXT "

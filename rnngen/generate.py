@@ -190,7 +190,7 @@ class Sampler:
         """How many characters of ``text`` the tokenizer cannot represent (they become <unk>)."""
         return self.tokenizer.count_unknown(text)
 
-    def _start_ids(self, prompt: str, label: str | None = None) -> list[int]:
+    def _prompt_ids(self, prompt: str, label: str | None = None) -> list[int]:
         self._check_generative()
         if label is not None:
             if not self.labels:
@@ -231,16 +231,26 @@ class Sampler:
         ``guidance`` > 1 strengthens the label (see ``Cursor``): the text is also read from where an
         unlabelled example begins, which models trained with ``--label-dropout`` know. ``progress``: see ``feed``.
         """
+        ids, free_ids = self.start_ids(prompt, label, guidance)
+        cursor = self.feed(ids, progress=progress)
+        if free_ids is not None:
+            cursor.free, cursor.guidance = self.feed(free_ids), guidance
+        return cursor
+
+    def start_ids(self, prompt: str = "", label: str | None = None,
+                  guidance: float = 1.0) -> tuple[list[int], list[int] | None]:
+        """The token ids ``start`` reads (checked as it checks them): the text's, after the label's token when
+        there is a label; and with guidance != 1 the unlabelled text's as well (else None)."""
         if not (math.isfinite(guidance) and guidance >= 0):
             raise InputError(f"guidance must be a number >= 0 (1 is plain sampling), got {guidance}")
-        cursor = self.feed(self._start_ids(prompt, label), progress=progress)
-        if guidance != 1.0:
-            if label is None:
-                raise InputError("guidance strengthens a label: give --label too")
-            # Unlabelled, a text starts where a paragraph does (as in training): after a newline.
-            prompt_ids = [int(i) for i in self.tokenizer.encode(prompt)] if prompt else []
-            cursor.free, cursor.guidance = self.feed(self._start_ids("") + prompt_ids), guidance
-        return cursor
+        ids = self._prompt_ids(prompt, label)
+        if guidance == 1.0:
+            return ids, None
+        if label is None:
+            raise InputError("guidance strengthens a label: give --label too")
+        # Unlabelled, a text starts where a paragraph does (as in training): after a newline.
+        prompt_ids = [int(i) for i in self.tokenizer.encode(prompt)] if prompt else []
+        return ids, self._prompt_ids("") + prompt_ids
 
     def continue_from(self, cursor: Cursor, config: SampleConfig,
                       generator: torch.Generator | None = None) -> Iterator[str]:
@@ -329,7 +339,7 @@ class Sampler:
                 tokens = pick_tokens(scores, config, generator)  # (n,)
                 fed = tokens if free is None else tokens.repeat(2)
                 if streams is None:
-                    logits, state = self._model_step(fed, state)
+                    logits, state = self.model_step(fed, state)
                 else:
                     logits = streams.advance(fed)
                     state = streams.state() if track else state
@@ -348,8 +358,9 @@ class Sampler:
             state = tuple(s.expand(-1, n, -1).contiguous() for s in state)
         return state, cursor.logits.expand(n, -1)
 
-    def _model_step(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
-        """The plain step: one model call for one token per stream; logits (B, V) and the new state."""
+    def model_step(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        """The plain step: one model call for one token per stream; logits (B, V), label tokens masked, and the
+        new state."""
         out, state = self.model(tokens.view(-1, 1), state)
         return self._text_only(out[:, -1]), state
 
@@ -386,7 +397,7 @@ class Sampler:
             return sampler
         config = SampleConfig(temperature=key[2], top_k=key[3], top_p=key[4], greedy=key[1])
         # The model's own step: cuDNN, the plain path's numbers in fewer kernels.
-        steps: list[Callable[..., Any]] = [self._model_step]
+        steps: list[Callable[..., Any]] = [self.model_step]
         if key[0] == 1 and self.use_triton and self.triton_error is None:
             if self._triton_step is None:
                 from .triton_step import triton_step  # imports Triton: only here, where it may be used

@@ -54,10 +54,12 @@ from .config import SampleConfig
 from .errors import RnngenError
 from .generate import Cursor, TextStream, guided_logits, pick_tokens, random_stream
 from .loaded import LoadedModel
+from .model import State
 
 PAGE = Path(__file__).with_name("serve_page.html")
 MAX_STOPS = 16  # stop strings per request
 MAX_N = 16  # choices per request
+PROMPT_CHUNK = 256  # tokens of a prompt read per call in an engine's worker (the batch steps between two)
 
 
 @dataclass(frozen=True)
@@ -72,7 +74,9 @@ class Settings:
     max_tokens: int = 4096  # per request (per choice)
     default_tokens: int = 256  # when a request does not say
     max_request_bytes: int = 1_000_000
-    timeout: float = 300.0  # seconds a generation may take; it then ends with finish_reason "time_limit"
+    # Seconds a request may take, from its arrival: a generation then ends with finish_reason
+    # "time_limit"; a prompt, classification or score still being read then is a 408 (TimeLimit).
+    timeout: float = 300.0
     session_ttl: float = 1800.0  # seconds a chat session is kept after its last use
     max_sessions: int = 1000
     user_prefix: dict[str, str] = field(default_factory=dict)  # per model name ("" key: every model)
@@ -83,7 +87,8 @@ class ApiError(Exception):
     """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
 
     KINDS: ClassVar[dict[int, str]] = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-             409: "conflict_error", 413: "invalid_request_error", 503: "server_overloaded"}
+                                       408: "timeout_error", 409: "conflict_error", 413: "invalid_request_error",
+                                       503: "server_overloaded"}
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
                  headers: dict[str, str] | None = None) -> None:
@@ -184,9 +189,11 @@ class Stream:
     out: asyncio.Queue  # (index, text piece, finish reason or None)
     index: int = 0
     deadline: float = math.inf
+    on_finish: Callable[[Stream], None] | None = None  # called on the event loop once it has ended, however
     text: TextStream | None = None
     tokens: int = 0
     raw: list[str] = field(default_factory=list)  # everything decoded, stop strings included
+    shown: list[str] = field(default_factory=list)  # the pieces sent (the text without stop strings)
     finish: str | None = None
     cancelled: bool = False
 
@@ -197,6 +204,14 @@ class Stream:
 class Busy(ApiError):
     def __init__(self, message: str) -> None:
         super().__init__(503, message, code="overloaded", headers={"Retry-After": "1"})
+
+
+class TimeLimit(ApiError):
+    """A request's model work went past the server's time limit (``Settings.timeout``) before any text came."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(408, f"the request took longer than the server's time limit of {seconds:g} s "
+                              "(rnngen serve --timeout); send less text", code="time_limit")
 
 
 class Metrics:
@@ -226,12 +241,19 @@ class Metrics:
             lines += [f'{name}{{model="{m}"}} {values.get(m, 0)}' for m in engines]
         return "\n".join(lines) + "\n"
 
+    def count(self, model: str, tokens: int, seconds: float) -> None:
+        """One batched step of ``tokens`` streams that took ``seconds``."""
+        self.steps[model] = self.steps.get(model, 0) + 1
+        self.step_seconds[model] = self.step_seconds.get(model, 0.0) + seconds
+        self.tokens[model] = self.tokens.get(model, 0) + tokens
+
 
 class Engine:
     """A model's scheduler: the streams that are generating step together, one batch per token.
 
     All model work (prompts, steps, classification, scoring) runs in the engine's one worker thread, in the
-    order it is asked for; the event loop only moves text and bookkeeping.
+    order it is asked for; the event loop only moves text and bookkeeping. A prompt is read in chunks of
+    PROMPT_CHUNK tokens, each its own turn in the worker, so the batch steps between two chunks.
     """
 
     def __init__(self, name: str, gen: LoadedModel, settings: Settings, metrics: Metrics) -> None:
@@ -243,11 +265,9 @@ class Engine:
         self.closing = False
         self.wake: asyncio.Event | None = None
         self.task: asyncio.Task | None = None
-        config = gen.model.config
-        self.text_vocab = config.text_vocab_size if config.label_tokens else None  # label tokens never generated
         state = gen.model.encoder.initial_state(1, gen.device)
         self.codec = StateCodec(settings.secret, checkpoint_identity(gen.directory),
-                                [tuple(s.shape) for s in state] + [(1, config.vocab_size)], gen.device)
+                                [tuple(s.shape) for s in state] + [(1, gen.model.config.vocab_size)], gen.device)
 
     def start(self) -> None:
         self.wake = asyncio.Event()
@@ -262,9 +282,45 @@ class Engine:
                 pass
         self.executor.shutdown(wait=False, cancel_futures=True)
 
-    async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """``fn(*args)`` in the worker thread (between two batch steps)."""
-        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+    async def call(self, fn: Callable[..., Any], *args: Any, deadline: float = math.inf) -> Any:
+        """``fn(*args)`` in the worker thread (between two batch steps); past ``deadline`` it stops at its next
+        model call with TimeLimit. An RnngenError (the input's fault) is a 400."""
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.executor, self._until, deadline, fn, *args)
+        except RnngenError as exc:
+            raise ApiError(400, str(exc)) from None
+
+    def _until(self, deadline: float, fn: Callable[..., Any], *args: Any) -> Any:
+        if deadline == math.inf:
+            return fn(*args)
+
+        def check(module: torch.nn.Module, inputs: Any) -> None:
+            if time.monotonic() > deadline:
+                raise TimeLimit(self.settings.timeout)
+
+        # Classification and scoring live in other modules, which know nothing of time limits; every model
+        # call (LM, classifier, prompt) starts with the embedding, so a hook there stops them between two calls.
+        hook = self.gen.model.encoder.embedding.register_forward_pre_hook(check)
+        try:
+            return fn(*args)
+        finally:
+            hook.remove()
+
+    async def read(self, ids: list[int], state: State | None, deadline: float) -> Cursor:
+        """The cursor after reading ``ids`` (at least one) from ``state``, PROMPT_CHUNK tokens per call in the
+        worker: the batch steps between two calls, so a long prompt does not hold up the other streams."""
+        for at in range(0, len(ids), PROMPT_CHUNK):
+            cursor = await self.call(self.gen.feed, ids[at:at + PROMPT_CHUNK], state, deadline=deadline)
+            state = cursor.state
+        return cursor
+
+    async def begin(self, text: str, label: str | None, guidance: float, deadline: float) -> tuple[Cursor, int]:
+        """What ``Sampler.start`` returns, read with ``read``; and the number of tokens read."""
+        ids, free_ids = await self.call(self.gen.start_ids, text, label, guidance)
+        cursor = await self.read(ids, None, deadline)
+        if free_ids is not None:
+            cursor.free, cursor.guidance = await self.read(free_ids, None, deadline), guidance
+        return cursor, len(ids)
 
     def reserve(self, count: int) -> None:
         """Take ``count`` places, or refuse with a 503 when the streams and the queue are full."""
@@ -281,40 +337,47 @@ class Engine:
         """Queue a stream (its place reserved); it joins the batch at the next step."""
         stream.text = TextStream(self.gen.tokenizer, stream.config.stop)
         if stream.config.length == 0:
-            self._finish(stream, "", "length")
+            self._send(stream, "", "length")
             return
         self.waiting.append(stream)
         assert self.wake is not None
         self.wake.set()
 
     def drain(self) -> None:
-        """End every stream now with finish_reason "shutdown" and accept no more (graceful shutdown)."""
+        """End every stream with finish_reason "shutdown" (after the step in progress) and accept no more."""
         self.closing = True
-        for stream in [*self.active, *self.waiting]:
-            assert stream.text is not None
-            self._finish(stream, stream.text.finish(), "shutdown")
-        self.active, self.waiting = [], deque()
+        if self.wake is not None:
+            self.wake.set()
 
-    def _finish(self, stream: Stream, piece: str, reason: str) -> None:
-        if stream.finish is None:
+    def _send(self, stream: Stream, piece: str, reason: str | None = None) -> None:
+        """Send a piece of ``stream``'s text; with a finish ``reason`` it ends, and its place is given back."""
+        if stream.finish is not None:
+            return
+        if piece:
+            stream.shown.append(piece)
+        if reason is not None:
             stream.finish = reason
             self.release()
+            if stream.on_finish is not None:
+                stream.on_finish(stream)
+        if piece or reason is not None:
             stream.out.put_nowait((stream.index, piece, reason))
 
     def _admit(self) -> None:
-        for stream in self.active:
-            if stream.cancelled and stream.finish is None:
-                stream.finish = "cancelled"
-                self.release()
+        """Between two steps: end the streams cancelled (or all, when closing), then fill the free places."""
+        for stream in [*self.active, *self.waiting]:
+            assert stream.text is not None
+            if self.closing:
+                self._send(stream, stream.text.finish(), "shutdown")
+            elif stream.cancelled:
+                self._send(stream, "", "cancelled")
         self.active = [s for s in self.active if s.finish is None]
+        self.waiting = deque(s for s in self.waiting if s.finish is None)
         now = time.monotonic()
         while self.waiting and len(self.active) < self.settings.max_streams:
             stream = self.waiting.popleft()
-            if stream.cancelled:
-                stream.finish = "cancelled"
-                self.release()
-            elif now > stream.deadline:
-                self._finish(stream, "", "time_limit")
+            if now > stream.deadline:
+                self._send(stream, "", "time_limit")
             else:
                 self.active.append(stream)
 
@@ -329,29 +392,22 @@ class Engine:
             batch = list(self.active)
             began = time.perf_counter()
             results = await self.call(self._step, batch)
-            self.metrics.steps[self.name] = self.metrics.steps.get(self.name, 0) + 1
-            self.metrics.step_seconds[self.name] = self.metrics.step_seconds.get(self.name, 0.0) + (
-                time.perf_counter() - began)
-            self.metrics.tokens[self.name] = self.metrics.tokens.get(self.name, 0) + len(batch)
+            self.metrics.count(self.name, len(batch), time.perf_counter() - began)
             for stream, (piece, reason) in zip(batch, results):
-                if stream.finish is not None:  # ended meanwhile (shutdown)
-                    continue
-                if reason is not None:
-                    self._finish(stream, piece, reason)
-                elif piece:
-                    stream.out.put_nowait((stream.index, piece, None))
+                self._send(stream, piece, reason)
 
     @torch.inference_mode()
     def _step(self, batch: list[Stream]) -> list[tuple[str, str | None]]:
         """One token for every stream: each picks from its logits with its own settings and random stream
         (as ``Sampler.continue_from`` does, so a seed gives `rnngen sample`'s text), then one model call
         advances them all. A guided stream takes two rows: with and without its label."""
-        tokens, rows = [], []
+        picked, tokens, rows = [], [], []  # a token per stream; a token and a cursor per row
         for stream in batch:
             cursor = stream.cursor
             scores = cursor.logits if cursor.free is None else guided_logits(cursor.logits, cursor.free.logits,
                                                                              cursor.guidance)
             token = pick_tokens(scores, stream.config, stream.generator)
+            picked.append(token)
             rows.append(cursor)
             tokens.append(token)
             if cursor.free is not None:
@@ -359,13 +415,10 @@ class Engine:
                 tokens.append(token)
         state = tuple(torch.cat([row.state[k] for row in rows], 1)  # type: ignore[index]
                       for k in range(len(rows[0].state)))  # type: ignore[arg-type]
-        out, state = self.gen.model(torch.cat(tokens).view(-1, 1), state)
-        logits = out[:, -1]
-        if self.text_vocab is not None:
-            logits[:, self.text_vocab:] = float("-inf")
+        logits, state = self.gen.model_step(torch.cat(tokens), state)
         for i, row in enumerate(rows):
             row.state, row.logits = tuple(s[:, i:i + 1] for s in state), logits[i:i + 1]
-        ids = torch.cat(tokens).tolist()
+        ids = torch.cat(picked).tolist()
         results: list[tuple[str, str | None]] = []
         now = time.monotonic()
         for stream, token in zip(batch, ids):
@@ -384,21 +437,20 @@ class Engine:
 
 
 # --------------------------------------------------------------------------------------------- requests
-def _field(body: dict[str, Any], key: str, kind: type, default: Any, low: float | None = None,
+def _field(body: dict[str, Any], key: str, kind: type[int | float], default: Any, low: float | None = None,
            high: float | None = None) -> Any:
+    """The number ``body[key]`` (``default`` when absent or null), checked: an integer, or for a float field any
+    number, within [low, high]."""
     value: Any = body.get(key, default)
     if value is None:
         return default
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
-        what = "an integer" if kind is int else "a number" if kind is float else kind.__name__
-        raise ApiError(400, f"{key} must be {what}", param=key)
-    number = float(value) if isinstance(value, (int, float)) else 0.0
-    if kind in (int, float) and not (math.isfinite(number) and (low is None or number >= low)
-                                     and (high is None or number <= high)):
+    whole = isinstance(value, int) and not isinstance(value, bool)  # a bool is an int in Python, not in JSON
+    if not (whole or kind is float and isinstance(value, float)):
+        raise ApiError(400, f"{key} must be {'an integer' if kind is int else 'a number'}", param=key)
+    # Compared as they are: float() of a huge JSON integer overflows. A float field's range keeps it finite.
+    if not ((whole or math.isfinite(value)) and (low is None or value >= low) and (high is None or value <= high)):
         raise ApiError(400, f"{key} must be in [{low}, {high}], got {value}", param=key)
-    return value
+    return float(value) if kind is float else value
 
 
 def _stops(body: dict[str, Any], default: Sequence[str] = ()) -> tuple[str, ...]:
@@ -438,7 +490,7 @@ def parse_generation(body: dict[str, Any], settings: Settings, default_stop: Seq
         config = SampleConfig.for_label(label, _stops(body, default_stop), temperature=max(temperature, 1e-6),
                                         top_k=top_k or None, top_p=None if top_p in (None, 1.0) else top_p or 1e-9,
                                         greedy=temperature == 0.0, length=length,
-                                        seed=_field(body, "seed", int, None))
+                                        seed=_field(body, "seed", int, None, -2**63, 2**63 - MAX_N))
     except RnngenError as exc:
         raise ApiError(400, str(exc)) from None
     options = body.get("stream_options") or {}
@@ -475,6 +527,17 @@ def chat_text(messages: Any, user_prefix: str, bot_prefix: str, separator: str) 
     return "".join(parts)
 
 
+@dataclass
+class Session:
+    """A chat session kept on the server: its model, the conversation, when it was last used, and the reply
+    being generated (the session takes no other message meanwhile)."""
+
+    engine: Engine
+    chat: ChatSession
+    used: float
+    reply: Stream | None = None
+
+
 class Server:
     """The app's state: the engines, chat sessions, metrics and settings; the handlers are its methods."""
 
@@ -483,8 +546,7 @@ class Server:
             settings = replace(settings, secret=secrets.token_bytes(32))
         self.settings, self.metrics = settings, Metrics()
         self.engines = {name: Engine(name, gen, settings, self.metrics) for name, gen in models.items()}
-        self.sessions: dict[str, tuple[str, ChatSession, list[float]]] = {}  # id: model, session, [last use]
-        self.busy_sessions: set[str] = set()
+        self.sessions: dict[str, Session] = {}
         self.created = int(time.time())
 
     # -- helpers -------------------------------------------------------------------------------------
@@ -515,6 +577,10 @@ class Server:
                                 f"{', '.join(self.engines)}", param="model", code="model_not_found")
         return self.engines[name]
 
+    def deadline(self) -> float:
+        """When the model work of a request starting now must end (``Settings.timeout``)."""
+        return time.monotonic() + self.settings.timeout
+
     def prefixes(self, engine: Engine, body: dict[str, Any]) -> tuple[str, str]:
         s = self.settings
         user = body.get("user_prefix", s.user_prefix.get(engine.name, s.user_prefix.get("", "")))
@@ -523,41 +589,32 @@ class Server:
             raise ApiError(400, "user_prefix and bot_prefix must be strings")
         return user, bot
 
-    async def start_cursor(self, engine: Engine, text: str, g: Generation) -> tuple[Cursor, int]:
+    async def start_cursor(self, engine: Engine, text: str, g: Generation, deadline: float) -> tuple[Cursor, int]:
         """The cursor after ``text`` (from the returned state when there is one) and the tokens read."""
-        gen = engine.gen
-        if g.state is not None:
-            if g.label is not None or g.guidance != 1.0:
-                raise ApiError(400, "a state continues a text: label and guidance only apply to a new one")
-            cursor = engine.codec.decode(g.state)
-            if not text:
-                return cursor, 0
-            ids = [int(i) for i in gen.tokenizer.encode(text)]
-            return await engine.call(gen.feed, ids, cursor.state), len(ids)
-        if g.return_state and g.guidance != 1.0:
-            raise ApiError(400, "return_state is not available with guidance")
-        try:
-            cursor = await engine.call(gen.start, text, g.label, g.guidance)
-        except RnngenError as exc:
-            raise ApiError(400, str(exc)) from None
-        return cursor, max(1, len(gen.tokenizer.encode(text))) + (g.label is not None)
+        if g.state is None:
+            if g.return_state and g.guidance != 1.0:
+                raise ApiError(400, "return_state is not available with guidance")
+            return await engine.begin(text, g.label, g.guidance, deadline)
+        if g.label is not None or g.guidance != 1.0:
+            raise ApiError(400, "a state continues a text: label and guidance only apply to a new one")
+        cursor = engine.codec.decode(g.state)
+        ids = [int(i) for i in engine.gen.tokenizer.encode(text)]
+        return (await engine.read(ids, cursor.state, deadline) if ids else cursor), len(ids)
 
     async def generate(self, engine: Engine, text: str, g: Generation) -> tuple[list[Stream], asyncio.Queue, int]:
         """Start ``g.n`` streams after ``text``; their pieces arrive on the returned queue."""
+        deadline = self.deadline()
         engine.reserve(g.n)
         try:
-            cursor, prompt_tokens = await self.start_cursor(engine, text, g)
+            cursor, prompt_tokens = await self.start_cursor(engine, text, g, deadline)
         except BaseException:
             engine.release(g.n)
             raise
         out: asyncio.Queue = asyncio.Queue()
-        deadline = time.monotonic() + self.settings.timeout
-        streams = []
-        for i in range(g.n):
-            seed = None if g.config.seed is None else g.config.seed + i  # choice i: seed + i
-            stream = Stream(cursor.copy() if g.n > 1 else cursor, g.config, random_stream(seed, engine.gen.device),
-                            out, i, deadline)
-            streams.append(stream)
+        seeds = [None if g.config.seed is None else g.config.seed + i for i in range(g.n)]  # choice i: seed + i
+        streams = [Stream(cursor.copy() if g.n > 1 else cursor, g.config, random_stream(seed, engine.gen.device),
+                          out, i, deadline) for i, seed in enumerate(seeds)]
+        for stream in streams:
             engine.submit(stream)
         return streams, out, prompt_tokens
 
@@ -572,13 +629,13 @@ class Server:
         return JSONResponse(self.model_card(name))
 
     def model_card(self, name: str) -> dict[str, Any]:
-        gen = self.engines[name].gen
-        m = gen.model.config
+        engine = self.engines[name]
+        m, (user, bot) = engine.gen.model.config, self.prefixes(engine, {})
         return {"id": name, "object": "model", "created": self.created, "owned_by": "rnngen",
-                "rnngen": {"arch": m.arch, "layers": m.layers, "hidden": m.hidden, "tokenizer": gen.tokenizer.kind,
-                           "labels": gen.labels, "classes": gen.classes, "generates": not m.bidirectional,
-                           "user_prefix": self.prefixes(self.engines[name], {})[0],
-                           "bot_prefix": self.prefixes(self.engines[name], {})[1]}}
+                "rnngen": {"arch": m.arch, "layers": m.layers, "hidden": m.hidden,
+                           "tokenizer": engine.gen.tokenizer.kind, "labels": engine.gen.labels,
+                           "classes": engine.gen.classes, "generates": not m.bidirectional,
+                           "user_prefix": user, "bot_prefix": bot}}
 
     async def completions(self, request: Request) -> Response:
         body = await self.body(request)
@@ -609,57 +666,43 @@ class Server:
             done = sum(s.tokens for s in streams)
             return {"prompt_tokens": prompt_tokens, "completion_tokens": done, "total_tokens": prompt_tokens + done}
 
-        def extra(stream: Stream) -> dict[str, Any]:
-            return {"state": engine.codec.encode(stream.cursor)} if g.return_state and stream.finish != "cancelled" else {}
+        def choice(stream: Stream, text: str, reason: str | None) -> dict[str, Any]:
+            """A choice: a stream's whole text, or a piece of it when streaming; with a reason, its end."""
+            content: dict[str, Any]
+            if not chat:
+                content = {"text": text, "logprobs": None}
+            elif not g.stream:
+                content = {"message": {"role": "assistant", "content": text}, "logprobs": None}
+            else:
+                content = {"delta": {"content": text} if text else {}}
+            if reason is not None and reason != "cancelled" and g.return_state:
+                content["state"] = engine.codec.encode(stream.cursor)
+            return {"index": stream.index, **content, "finish_reason": reason}
 
         if not g.stream:
-            texts: list[list[str]] = [[] for _ in streams]
-            # A client that goes away before the whole text is ready frees its streams at once, as a streaming one
-            # does (its response is never sent).
-            watcher = asyncio.create_task(_cancel_when_gone(request, streams))
-            try:
-                async for index, piece, _ in _pieces(out, len(streams)):
-                    texts[index].append(piece)
-            finally:
-                watcher.cancel()
-                for s in streams:
-                    s.cancel()
-            if chat:
-                choices = [{"index": s.index, "message": {"role": "assistant", "content": "".join(texts[s.index])},
-                            "finish_reason": s.finish, "logprobs": None, **extra(s)} for s in streams]
-            else:
-                choices = [{"index": s.index, "text": "".join(texts[s.index]), "finish_reason": s.finish,
-                            "logprobs": None, **extra(s)} for s in streams]
+            await _wait(request, streams, out)
             return JSONResponse({**base, "object": "chat.completion" if chat else "text_completion",
-                                 "choices": choices, "usage": usage()})
+                                 "choices": [choice(s, "".join(s.shown), s.finish) for s in streams],
+                                 "usage": usage()})
 
-        async def events() -> AsyncIterator[str]:
-            try:
-                if chat:
-                    for s in streams:
-                        yield _sse({**base, "choices": [{"index": s.index, "delta": {"role": "assistant", "content": ""},
-                                                         "finish_reason": None}]})
-                async for index, piece, reason in _pieces(out, len(streams)):
-                    stream = streams[index]
-                    if piece:
-                        choice = {"index": index, "delta": {"content": piece}} if chat else {
-                            "index": index, "text": piece, "logprobs": None}
-                        yield _sse({**base, "choices": [{**choice, "finish_reason": None}]})
-                    if reason is not None:
-                        choice = {"index": index, "delta": {}} if chat else {"index": index, "text": "", "logprobs": None}
-                        yield _sse({**base, "choices": [{**choice, "finish_reason": reason, **extra(stream)}]})
-                if g.include_usage:
-                    yield _sse({**base, "choices": [], "usage": usage()})
-                yield "data: [DONE]\n\n"
-            finally:  # the client went away (or the server stopped): its streams leave the batch at once
+        async def events() -> AsyncIterator[dict[str, Any]]:
+            if chat:
                 for s in streams:
-                    s.cancel()
+                    yield {**base, "choices": [{"index": s.index, "delta": {"role": "assistant", "content": ""},
+                                                "finish_reason": None}]}
+            async for index, piece, reason in _pieces(out, len(streams)):
+                if piece:
+                    yield {**base, "choices": [choice(streams[index], piece, None)]}
+                if reason is not None:
+                    yield {**base, "choices": [choice(streams[index], "", reason)]}
+            if g.include_usage:
+                yield {**base, "choices": [], "usage": usage()}
 
-        return StreamingResponse(events(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return _event_stream(events(), streams)
 
     # -- native endpoints ----------------------------------------------------------------------------
     async def classify(self, request: Request) -> Response:
+        deadline = self.deadline()
         body = await self.body(request)
         engine = self.engine(body)
         texts = body.get("input")
@@ -669,7 +712,7 @@ class Server:
         if not engine.gen.classes:
             raise ApiError(400, f"model {engine.name!r} has no classification head", param="model")
         top = _field(body, "top", int, None, 1)
-        results = await engine.call(engine.gen.classify, texts, top)
+        results = await engine.call(engine.gen.classify, texts, top, deadline=deadline)
         return JSONResponse({"model": engine.name, "results": results})
 
     async def score(self, request: Request) -> Response:
@@ -677,116 +720,140 @@ class Server:
             surprisal,  # numpy-heavy analysis code, loaded only when asked for
         )
 
+        deadline = self.deadline()
         body = await self.body(request)
         engine = self.engine(body)
         text = body.get("text")
         if not isinstance(text, str):
             raise ApiError(400, "text must be a string", param="text")
         gen = engine.gen
-        try:
-            result = await engine.call(lambda: surprisal(gen.model, gen.tokenizer, text, keep_chars=len(text),
-                                                         top_k=3))
-        except RnngenError as exc:
-            raise ApiError(400, str(exc)) from None
+
+        def scored() -> tuple[Any, int]:
+            # top_k=1: the fewest top predictions, which the answer does not hold
+            result = surprisal(gen.model, gen.tokenizer, text, keep_chars=len(text), top_k=1)
+            return result, gen.unknown_characters(text)
+
+        result, unknown = await engine.call(scored, deadline=deadline)
         per_char = [None if math.isnan(v) else round(float(v), 5) for v in result.per_char]
         return JSONResponse({"model": engine.name, "summary": result.summary, "text": text,
-                             "surprisal": per_char, "unit": "nats",
-                             "unknown_characters": gen.unknown_characters(text)})
+                             "surprisal": per_char, "unit": "nats", "unknown_characters": unknown})
 
     # -- chat sessions ---------------------------------------------------------------------------------
     def _expire(self) -> None:
+        """Forget the sessions unused for longer than ``session_ttl`` (never one that is replying)."""
         now = time.monotonic()
-        for key in [k for k, (_, _, used) in self.sessions.items()
-                    if now - used[0] > self.settings.session_ttl and k not in self.busy_sessions]:
+        for key in [k for k, s in self.sessions.items()
+                    if now - s.used > self.settings.session_ttl and s.reply is None]:
             del self.sessions[key]
 
-    def _session(self, request: Request) -> tuple[Engine, ChatSession, str]:
+    def _session(self, request: Request, idle: bool = False) -> tuple[str, Session]:
+        """The session the path names (404 if none), marked as used; with ``idle``, a 409 while it replies."""
         self._expire()
         key = request.path_params["sid"]
         if key not in self.sessions:
             raise ApiError(404, f"no session {key!r} (it may have expired)", code="session_not_found")
-        name, session, used = self.sessions[key]
-        used[0] = time.monotonic()
-        return self.engines[name], session, key
+        session = self.sessions[key]
+        session.used = time.monotonic()
+        if idle and session.reply is not None:
+            raise ApiError(409, "this session is answering a message")
+        return key, session
 
     async def new_session(self, request: Request) -> Response:
+        deadline = self.deadline()
         body = await self.body(request)
         engine = self.engine(body)
-        self._expire()
-        if len(self.sessions) >= self.settings.max_sessions:
-            raise Busy("too many chat sessions; retry later")
         g = parse_generation(body, self.settings, DEFAULT_STOP)
+        if g.label is not None or g.state is not None or g.n != 1:
+            raise ApiError(400, "a session takes sampling settings: no label, state or n")
         user, bot = self.prefixes(engine, body)
         context = body.get("context", "")
         if not isinstance(context, str):
             raise ApiError(400, "context must be a string", param="context")
+        self._expire()
+        if len(self.sessions) >= self.settings.max_sessions:
+            raise Busy("too many chat sessions; retry later")
+        engine.reserve(1)  # reading the context is model work, as a prompt is
         try:
-            session = await engine.call(ChatSession, engine.gen, g.config, user, bot, context)
-        except RnngenError as exc:
-            raise ApiError(400, str(exc)) from None
+            start, _ = await engine.begin(context, None, 1.0, deadline)
+        finally:
+            engine.release()
         key = uuid.uuid4().hex
-        self.sessions[key] = (engine.name, session, [time.monotonic()])
+        chat = ChatSession(engine.gen, g.config, user, bot, context, start=start)
+        self.sessions[key] = Session(engine, chat, time.monotonic())
         return JSONResponse({"id": key, "model": engine.name, "expires_after": self.settings.session_ttl}, 201)
 
     async def session_info(self, request: Request) -> Response:
-        engine, session, key = self._session(request)
-        return JSONResponse({"id": key, "model": engine.name, "turns": [
-            {"user": t.user, "reply": t.reply, "finish_reason": t.ended} for t in session.turns]})
+        key, session = self._session(request)
+        return JSONResponse({"id": key, "model": session.engine.name, "turns": [
+            {"user": t.user, "reply": t.reply, "finish_reason": t.ended} for t in session.chat.turns]})
 
     async def session_say(self, request: Request) -> Response:
-        engine, session, key = self._session(request)
+        """The reply to a message: as one JSON object, or with "stream": true as server-sent events, a
+        {"id", "delta"} per piece and a last one with the finish_reason and the number of turns."""
+        deadline = self.deadline()
         body = await self.body(request)
         line = body.get("content")
         if not isinstance(line, str) or not line.strip():
             raise ApiError(400, "content must be a non-empty string", param="content")
-        if key in self.busy_sessions:
-            raise ApiError(409, "this session is answering another message")
-        self.busy_sessions.add(key)
-        try:
-            fed = session.format_input(line)
-            ids = [int(i) for i in engine.gen.tokenizer.encode(fed)]
-            engine.reserve(1)
-            before = session.snapshot()
-            try:
-                cursor = await engine.call(engine.gen.feed, ids, before.state) if ids else before
-            except BaseException:
-                engine.release()
-                raise
-            out: asyncio.Queue = asyncio.Queue()
-            stream = Stream(cursor, session.config, session.rng, out, 0, time.monotonic() + self.settings.timeout)
-            engine.submit(stream)
-            pieces: list[str] = []
-            try:
-                async for _, piece, _ in _pieces(out, 1):
-                    pieces.append(piece)
-            finally:
-                stream.cancel()
-            # The turn is kept whole (as ChatSession.turn keeps it): the state has read every generated token.
+        key, session = self._session(request, idle=True)
+        engine, chat = session.engine, session.chat
+        fed = chat.format_input(line)
+        ids = [int(i) for i in engine.gen.tokenizer.encode(fed)]
+        before = chat.snapshot()
+
+        def keep(stream: Stream) -> None:
+            # The turn is kept whole however it ended (as ChatSession.turn keeps it): the state has read every
+            # generated token.
             ended = stream.finish if stream.finish in ("stop", "length") else "interrupted"
-            session.undo_stack.append((before, len(session.turns)))
-            session.cursor = cursor
-            session.turns.append(Turn(line, fed, "".join(pieces), "".join(stream.raw), str(ended)))
-        finally:
-            self.busy_sessions.discard(key)
-        return JSONResponse({"id": key, "reply": "".join(pieces), "finish_reason": stream.finish,
-                             "turns": len(session.turns)})
+            turn = Turn(line, fed, "".join(stream.shown), "".join(stream.raw), ended)
+            chat.record_turn(before, _own(stream.cursor), turn)
+            session.reply, session.used = None, time.monotonic()
+
+        engine.reserve(1)
+        # The session is busy from here, its line being read, until keep() has recorded the turn.
+        stream = session.reply = Stream(before, chat.config, chat.rng, asyncio.Queue(), deadline=deadline,
+                                        on_finish=keep)
+        try:
+            if ids:
+                stream.cursor = await engine.read(ids, before.state, deadline)
+        except BaseException:
+            session.reply = None
+            engine.release()
+            raise
+        engine.submit(stream)
+
+        def last() -> dict[str, Any]:
+            return {"id": key, "finish_reason": stream.finish, "turns": len(chat.turns)}
+
+        if not body.get("stream", False):
+            await _wait(request, [stream], stream.out)
+            return JSONResponse({**last(), "reply": "".join(stream.shown)})
+
+        async def events() -> AsyncIterator[dict[str, Any]]:
+            async for _, piece, reason in _pieces(stream.out, 1):
+                if piece:
+                    yield {"id": key, "delta": piece, "finish_reason": None}
+                if reason is not None:
+                    yield {**last(), "delta": ""}
+
+        return _event_stream(events(), [stream])
 
     async def session_command(self, request: Request) -> Response:
-        _, session, key = self._session(request)
-        if key in self.busy_sessions:
-            raise ApiError(409, "this session is answering a message")
+        key, session = self._session(request, idle=True)
         command = request.path_params["command"]
         if command not in ("undo", "reset"):  # never /save (a file on the server) or the other commands
             raise ApiError(404, f"no session command {command!r}: undo or reset")
-        events = list(session.handle(f"/{command}"))
+        events = list(session.chat.handle(f"/{command}"))
         problems = [e.text for e in events if isinstance(e, Problem)]
         if problems:
             raise ApiError(409, problems[0])
-        return JSONResponse({"id": key, "turns": len(session.turns),
+        return JSONResponse({"id": key, "turns": len(session.chat.turns),
                              "notice": " ".join(e.text for e in events if isinstance(e, Notice))})
 
     async def end_session(self, request: Request) -> Response:
-        _, _, key = self._session(request)
+        key, session = self._session(request)
+        if session.reply is not None:  # a reply in progress ends now
+            session.reply.cancel()
         del self.sessions[key]
         return JSONResponse({"id": key, "deleted": True})
 
@@ -807,12 +874,32 @@ class Server:
             engine.drain()
 
 
+def _own(cursor: Cursor) -> Cursor:
+    """``cursor`` with tensors of its own: a stream's are views of its last batch's, all of which a session
+    keeping the cursor would keep alive."""
+    assert cursor.state is not None and cursor.free is None
+    return Cursor(tuple(s.clone() for s in cursor.state), cursor.logits.clone())
+
+
 async def _cancel_when_gone(request: Request, streams: list[Stream], every: float = 0.2) -> None:
     """Cancel ``streams`` once the client of ``request`` has disconnected."""
     while not await request.is_disconnected():
         await asyncio.sleep(every)
     for stream in streams:
         stream.cancel()
+
+
+async def _wait(request: Request, streams: list[Stream], out: asyncio.Queue) -> None:
+    """Until ``streams`` have all finished (their text is then in ``shown``). A client that goes away before
+    frees them at once, as a streaming one does (its response is never sent)."""
+    watcher = asyncio.create_task(_cancel_when_gone(request, streams))
+    try:
+        async for _ in _pieces(out, len(streams)):
+            pass
+    finally:
+        watcher.cancel()
+        for stream in streams:
+            stream.cancel()
 
 
 async def _pieces(out: asyncio.Queue, count: int) -> AsyncIterator[tuple[int, str, str | None]]:
@@ -824,8 +911,19 @@ async def _pieces(out: asyncio.Queue, count: int) -> AsyncIterator[tuple[int, st
         yield index, piece, reason
 
 
-def _sse(data: dict[str, Any]) -> str:
-    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+def _event_stream(events: AsyncIterator[dict[str, Any]], streams: list[Stream]) -> StreamingResponse:
+    """Server-sent events: "data: {json}" for each of ``events``, then "data: [DONE]"."""
+    async def body() -> AsyncIterator[str]:
+        try:
+            async for data in events:
+                yield f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+            yield "data: [DONE]\n\n"
+        finally:  # the client went away (or the server stopped): its streams leave the batch at once
+            for stream in streams:
+                stream.cancel()
+
+    return StreamingResponse(body(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
 class Guard:
@@ -839,7 +937,8 @@ class Guard:
             await self.app(scope, receive, send)
             return
         path: str = scope["path"]
-        label = "/v1/rnngen/sessions/{id}" if path.startswith("/v1/rnngen/sessions/") else path
+        label = next((f"{prefix}{{id}}" for prefix in ("/v1/rnngen/sessions/", "/v1/models/")
+                      if path.startswith(prefix)), path)
         status = [500]
 
         async def counted(message: Message) -> None:
@@ -867,7 +966,7 @@ def _authorised(scope: Scope, key: str) -> bool:
     return hmac.compare_digest(given.encode(), key.encode())
 
 
-KNOWN_PATHS = {"/", "/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions",
+KNOWN_PATHS = {"/", "/health", "/metrics", "/v1/models", "/v1/models/{id}", "/v1/completions", "/v1/chat/completions",
                "/v1/rnngen/generate", "/v1/rnngen/classify", "/v1/rnngen/score", "/v1/rnngen/sessions",
                "/v1/rnngen/sessions/{id}"}
 

@@ -346,6 +346,23 @@ def test_context_is_read_first_and_resumes_a_saved_conversation(gen: LoadedModel
     assert reply(session, "hi there") == first[0]  # after /reset: where the first turn started
 
 
+def test_a_server_reads_the_context_and_records_turns_through_the_public_hooks(gen: LoadedModel) -> None:
+    """``start=`` (a context read by the caller) and ``record_turn`` (a reply generated elsewhere, as by the server's
+    batch) leave a session as ``ChatSession.turn`` does, and /undo goes back over them."""
+    primer = "a: the scene\n\n"
+    plain = ChatSession(gen, config(length=30), user_prefix="a:", bot_prefix="b:", primer=primer)
+    hooked = ChatSession(gen, config(length=30), user_prefix="a:", bot_prefix="b:", primer=primer,
+                         start=gen.start(primer))
+    assert_same(hooked.cursor, copy(plain.cursor))
+    before = hooked.snapshot()
+    reply(plain, "hi there")
+    hooked.record_turn(before, plain.snapshot(), plain.turns[-1])
+    assert hooked.turns == plain.turns and hooked.context() == plain.context()
+    assert_same(hooked.cursor, copy(plain.cursor))
+    assert [type(e) for e in events(hooked, "/undo")] == [Notice]
+    assert hooked.turns == [] and torch.equal(hooked.cursor.logits, before.logits)
+
+
 def test_python_api_chat(gen: LoadedModel) -> None:
     """LoadedModel.chat: a session whose say() returns each reply, as the CLI's session writes it."""
     session = gen.chat(user_prefix="a:", bot_prefix="b:\n", context="the scene\n", length=30, seed=3)

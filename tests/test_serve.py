@@ -102,6 +102,22 @@ def small_server(tiny_run: Path) -> Iterator[Served]:
     served.stop()
 
 
+@pytest.fixture(scope="module")
+def hasty_server(tiny_run: Path, letters_run: Path) -> Iterator[Served]:
+    """A time limit of a microsecond: every request's model work runs past it."""
+    served = Served([f"lm={tiny_run}", f"letters={letters_run}", "--timeout", "1e-6"])
+    yield served
+    served.stop()
+
+
+@pytest.fixture(scope="module")
+def roomy_server(tiny_run: Path) -> Iterator[Served]:
+    """Requests of up to 2 MB: prompts of 100k characters."""
+    served = Served([f"lm={tiny_run}", "--max-request-bytes", "2000000", "--max-tokens", "100000"])
+    yield served
+    served.stop()
+
+
 def client(server: Served, **options: Any) -> httpx.Client:
     return httpx.Client(**{"base_url": server.url, "headers": {"Authorization": f"Bearer {KEY}"}, "timeout": 60,
                            **options})
@@ -244,6 +260,33 @@ def test_chat_sessions_answer_undo_reset_and_expire(server: Served, small_server
     assert httpx.get(f"{small_server.url}/v1/rnngen/sessions/{sid}").status_code == 404  # expired
 
 
+def test_a_session_reply_streams_and_a_client_that_leaves_ends_it(server: Served) -> None:
+    with client(server) as http:
+        new = {"model": "lm", "seed": 4, "max_tokens": 60}
+        sids = [http.post("/v1/rnngen/sessions", json=new).json()["id"] for _ in range(2)]
+        whole = http.post(f"/v1/rnngen/sessions/{sids[0]}/messages", json={"content": "Hello"}).json()
+        with http.stream("POST", f"/v1/rnngen/sessions/{sids[1]}/messages",
+                         json={"content": "Hello", "stream": True}) as r:
+            assert r.headers["content-type"].startswith("text/event-stream")
+            *pieces, last = events(r)
+        assert all(p["finish_reason"] is None and p["delta"] for p in pieces)
+        assert "".join(p["delta"] for p in pieces) == whole["reply"]  # the same seed: the same reply
+        assert (last["finish_reason"], last["turns"]) == (whole["finish_reason"], 1)
+        assert http.get(f"/v1/rnngen/sessions/{sids[1]}").json()["turns"][0]["reply"] == whole["reply"]
+        # A reply without end: the client reads a few pieces and leaves; the reply stops, and the session keeps
+        # the turn as interrupted (as `rnngen chat` keeps one cut by Ctrl-C) and takes the next message.
+        sid = http.post("/v1/rnngen/sessions", json={"model": "lm", "max_tokens": 100_000, "stop": []}).json()["id"]
+        with http.stream("POST", f"/v1/rnngen/sessions/{sid}/messages", json={"content": "Hi", "stream": True}) as r:
+            lines = r.iter_lines()
+            for _ in range(10):
+                next(lines)
+            assert http.post(f"/v1/rnngen/sessions/{sid}/messages", json={"content": "Hi"}).status_code == 409
+        assert_no_stream_left(server)
+        turns = http.get(f"/v1/rnngen/sessions/{sid}").json()["turns"]
+        assert [t["finish_reason"] for t in turns] == ["interrupted"] and turns[0]["reply"]
+        assert http.post(f"/v1/rnngen/sessions/{sid}/undo").json()["turns"] == 0
+
+
 # ------------------------------------------------------------------------------------------- returned states
 def test_a_returned_state_continues_the_text_on_another_process(server: Served, small_server: Served) -> None:
     with client(server) as http:
@@ -354,6 +397,60 @@ def test_a_client_that_leaves_a_non_streaming_request_frees_it(server: Served) -
     assert_no_stream_left(server)
 
 
+def test_classify_score_and_prompts_stop_at_the_time_limit(hasty_server: Served) -> None:
+    with httpx.Client(base_url=hasty_server.url, timeout=60) as http:
+        for path, body in (("/v1/rnngen/classify", {"model": "letters", "input": ["aoeeao", "tsktk"]}),
+                           ("/v1/rnngen/score", {"model": "lm", "text": "The value of the function is returned."}),
+                           ("/v1/completions", {"model": "lm", "prompt": "The ", "max_tokens": 5}),
+                           ("/v1/rnngen/sessions", {"model": "lm", "context": "A play."})):
+            r = http.post(path, json=body)
+            assert r.status_code == 408, (path, r.text)
+            error = r.json()["error"]
+            assert error["code"] == "time_limit" and "time limit" in error["message"], error
+        assert http.get("/health").json()["status"] == "ok"  # the engine is free again
+
+
+def test_a_guided_stream_in_the_batch_leaves_the_others_texts_alone(server: Served) -> None:
+    """A guided stream takes two rows of the batch; the streams after it still read their own tokens."""
+    with client(server) as http:
+        plain = {"model": "letters", "prompt": "tsk", "temperature": 0, "max_tokens": 30}
+        alone = http.post("/v1/completions", json=plain).json()["choices"][0]["text"]
+        guided = {"model": "letters", "label": "vowels", "guidance": 1.5, "stop": ["#"], "max_tokens": 100_000,
+                  "stream": True}
+        with http.stream("POST", "/v1/rnngen/generate", json=guided) as r:
+            lines = r.iter_lines()
+            next(lines)  # the guided stream is in the batch (before any that comes next)
+            assert http.post("/v1/completions", json=plain).json()["choices"][0]["text"] == alone
+    assert_no_stream_left(server)
+
+
+def test_a_long_prompt_does_not_stop_the_other_streams(roomy_server: Served) -> None:
+    """While a 100k-character prompt is read, a stream already running keeps getting tokens: the prompt is read
+    in chunks of PROMPT_CHUNK tokens with a batch step between two. (Read in one go, it would get none during the
+    reading: only the few it gets around any request, which a request with a short prompt measures.)"""
+    from rnngen.corpora import builtin_text
+    from rnngen.serve import PROMPT_CHUNK
+
+    long_prompt = (builtin_text() * 2)[:100_000]
+
+    def others_tokens(http: httpx.Client, prompt: str) -> tuple[float, int]:
+        """Tokens the running stream got during a request with ``prompt``, and the prompt's tokens."""
+        before = roomy_server.metric("rnngen_tokens_generated_total")
+        usage = http.post("/v1/completions", json={"model": "lm", "prompt": prompt, "max_tokens": 1}).json()["usage"]
+        got = roomy_server.metric("rnngen_tokens_generated_total") - before - usage["completion_tokens"]
+        return got, usage["prompt_tokens"]
+
+    with httpx.Client(base_url=roomy_server.url, timeout=120) as http, \
+            http.stream("POST", "/v1/completions", json={"model": "lm", "max_tokens": 100_000, "stream": True}) as r:
+        lines = r.iter_lines()
+        next(lines)
+        around, _ = others_tokens(http, "The ")
+        during, prompt_tokens = others_tokens(http, long_prompt)
+    chunks = prompt_tokens // PROMPT_CHUNK
+    assert chunks >= 300
+    assert during - around >= chunks // 2, (during, around, chunks)
+
+
 def test_a_full_queue_is_a_503_with_retry_after(small_server: Served) -> None:
     with httpx.Client(base_url=small_server.url, timeout=60) as http:
         with http.stream("POST", "/v1/completions", json={"model": "lm", "max_tokens": 100_000, "stream": True}) as r:
@@ -380,6 +477,8 @@ def test_api_key_size_limit_cors_and_errors_in_the_openai_shape(server: Served) 
         r = http.post("/v1/completions", content=b"{not json")
         assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
         assert http.post("/v1/completions", json={"model": "lm", "temperature": -1}).status_code == 400
+        for huge in ({"seed": 2**70}, {"max_tokens": 10**400}, {"temperature": 10**400}):  # no overflow, no 500
+            assert http.post("/v1/completions", json={"model": "lm", **huge}).status_code == 400, huge
         assert http.get("/v1/nothing").status_code == 404 and "error" in http.get("/v1/nothing").json()
         r = http.options("/v1/completions", headers={"Origin": "http://example.org",
                                                      "Access-Control-Request-Method": "POST"})
