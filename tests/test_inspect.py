@@ -206,8 +206,9 @@ def test_per_character_surprisal_adds_up_and_excludes_label_tokens() -> None:
         masked.lm_head.bias[tok.vocab_size:] = float("-inf")
     expected = evaluate(masked, tok.encode(text), tok.char_lengths(), torch.device("cpu"))
     assert s.summary["nats_per_char"] == pytest.approx(expected["nats_per_char"], rel=1e-6)
-    assert np.nansum(s.per_char) == pytest.approx(s.summary["nats_per_char"] * s.summary["chars"], rel=1e-9)
-    assert math.isnan(s.per_char[0]) and len(s.text) == 100
+    whole = surprisal(model, tok, text, keep_chars=len(text))  # per-character data is kept for what is kept only
+    assert np.nansum(whole.per_char) == pytest.approx(s.summary["nats_per_char"] * s.summary["chars"], rel=1e-9)
+    assert math.isnan(s.per_char[0]) and len(s.text) == len(s.per_char) == 100
     assert (s.top_ids[1:] < tok.vocab_size).all() and (s.top_ids[1:] >= 0).all()
     probs = [p for _, p in s.predictions(5)]
     assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1 + 1e-6
@@ -215,6 +216,65 @@ def test_per_character_surprisal_adds_up_and_excludes_label_tokens() -> None:
     assert "".join(c["char"] for c in chars) == text[:100] and chars[0]["bits"] is None
     assert chars[5]["bits"] == pytest.approx(s.per_char[5] / math.log(2))
     assert chars[5]["predictions"] == s.predictions(5)
+
+
+# ----------------------------------------------------------------------------------------------- long texts
+def windowed_text() -> str:
+    """Code and prose whose lines, quotes (triple ones too), brackets, escapes and regex matches cross the ends
+    of tiny windows; a line longer than a window, and text with no newline at its end."""
+    from rnngen.corpora import builtin_text
+
+    code = Path(json.__file__).read_text(encoding="utf-8")[:2500]
+    odd = ('s = """a (\n  b [\\"""\n' + "    x = f('it''s', \"don't\", [1,\n" + "        2]) " * 30 + "\n"
+           + "\t\tÜnïcode 🙂 é\n" + "word " * 200 + "\n\n")
+    return code + odd + builtin_text()[:2500] + odd + "end (no newline"
+
+
+def spans_by_hand(per_char: np.ndarray, text: str, count: int = 5, width: int = 20) -> list[tuple[int, int, str]]:
+    """The most surprising runs as the whole text's per-character data gives them: (start, line, text)."""
+    sums = np.convolve(np.nan_to_num(per_char), np.ones(width), mode="valid")
+    taken: list[int] = []
+    for start in np.argsort(-sums, kind="stable").tolist():
+        if all(abs(start - t) >= width for t in taken) and len(taken) < count:
+            taken.append(start)
+    return [(s, text.count("\n", 0, s) + 1, text[s: s + width]) for s in taken]
+
+
+@pytest.mark.parametrize("kind", ["char", "bpe"])
+def test_many_tiny_windows_give_what_one_window_gives(kind: str) -> None:
+    from rnngen.inspect import FeatureStream, _windows
+    from rnngen.tokenizers import fit_tokenizer
+
+    text = windowed_text()
+    extra = {"call": r"\w+\(", "line_start": r"(?m)^\s*\w", "after_def": r"(?<=def )\w+", "end": r"k$"}
+    names, whole = compute_features(text, extra)
+    for size in (1, 2, 3, 7, 100):  # the features of each window, with what crosses its end carried
+        stream = FeatureStream(extra)
+        got = np.concatenate([stream.feed(w, ahead) for w, ahead in _windows([text], size, at_newline=False)], 1)
+        bad = [name for name, a, b in zip(names, got, whole) if not np.array_equal(a, b)]
+        assert not bad, (size, bad)
+    tok = fit_tokenizer([text], kind, vocab_size=400)
+    model = tiny_model("lstm", tok.vocab_size, hidden=8, scale=2.0)
+    one = inspect_text(model, tok, text, features=extra, keep_chars=len(text), window=len(text))
+    assert [(s["start"], s["line"], s["text"]) for s in one.surprisal.spans] == spans_by_hand(one.surprisal.per_char,
+                                                                                              text)
+    assert len(one.surprisal.lane_starts) >= 8 and one.surprisal.summary["chars"] > 0.99 * len(text)  # lanes cross too
+    chunks = [text[i: i + 50] for i in range(0, len(text), 50)]  # read from a source in chunks, as a file is
+    for size in (7, 61):
+        many = inspect_text(model, tok, lambda: iter(chunks), features=extra, keep_chars=700, window=size)
+        assert many.surprisal.summary == pytest.approx(one.surprisal.summary, rel=1e-12)
+        assert many.surprisal.summary["tokens"] == one.surprisal.summary["tokens"]  # no piece cut differently
+        np.testing.assert_allclose(many.correlations, one.correlations, rtol=1e-9, atol=1e-12)
+        assert many.surprisal.spans == one.surprisal.spans and len(one.surprisal.spans) == 5
+        kept = len(many.surprisal.text)
+        assert many.surprisal.text == text[:kept] and 700 <= kept < 720
+        np.testing.assert_allclose(many.surprisal.per_char, one.surprisal.per_char[:kept], rtol=1e-12)
+        tokens = len(many.surprisal.top_ids)
+        assert np.array_equal(many.surprisal.top_ids, one.surprisal.top_ids[:tokens])
+        assert np.array_equal(many.kept_activations, one.kept_activations[:tokens])
+        for layer_many, layer_one in zip(many.gates, one.gates):
+            for gate, sides in layer_one.items():
+                np.testing.assert_array_equal(layer_many[gate]["left"], sides["left"])
 
 
 # ----------------------------------------------------------------------------------------------- the quotes cell
