@@ -14,6 +14,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("RNNGEN_SHARED", ROOT.parent / "shared"))
 OUT = ROOT / "benchmarks" / "out"
+RNNGEN = str(Path(sys.executable).with_name("rnngen"))  # the installed command, beside this Python
 
 
 def shared_path(*parts: str) -> Path:
@@ -50,7 +51,7 @@ def save(name: str, record: dict[str, Any]) -> Path:
 
 def rnngen(*args: str, input: str | None = None) -> str:
     """Run the installed `rnngen` command (beside this Python); its stdout, or exit with its error."""
-    command = [str(Path(sys.executable).with_name("rnngen")), *args]
+    command = [RNNGEN, *args]
     proc = subprocess.run(command, capture_output=True, text=True, input=input)
     if proc.returncode != 0:
         sys.exit(f"`rnngen {' '.join(args[:2])}` failed ({proc.returncode}): {proc.stderr.strip()[-1000:]}")
