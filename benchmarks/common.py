@@ -9,7 +9,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("RNNGEN_SHARED", ROOT.parent / "shared"))
@@ -56,3 +57,19 @@ def rnngen(*args: str, input: str | None = None) -> str:
     if proc.returncode != 0:
         sys.exit(f"`rnngen {' '.join(args[:2])}` failed ({proc.returncode}): {proc.stderr.strip()[-1000:]}")
     return proc.stdout
+
+
+T = TypeVar("T")
+
+
+def each_available(names: str, get: Callable[[str, Path], T | None]) -> Iterator[tuple[str, T, Path]]:
+    """For each comma-separated name: ``get(name, work)`` (work: benchmarks/out/corpora, where data sets are
+    kept between runs), skipped with the reason printed where it cannot be had here."""
+    work = OUT / "corpora"
+    work.mkdir(parents=True, exist_ok=True)
+    for name in names.split(","):
+        item = get(name, work)
+        if item is None:
+            print(f"skipped {name}: not available here", flush=True)
+            continue
+        yield name, item, work

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import OUT, SHARED, json_lines, save  # noqa: E402
+from common import SHARED, each_available, json_lines, save  # noqa: E402
 
 CORPORA = ("tinyshakespeare", "builtin", "names", "agnews", "python", "chinese")
 WINDOW = 512
@@ -132,14 +132,8 @@ def main() -> None:
     p.add_argument("--corpora", default=",".join(CORPORA))
     p.add_argument("--no-ref", action="store_true", help="skip the reference")
     a = p.parse_args()
-    work = OUT / "corpora"
-    work.mkdir(parents=True, exist_ok=True)
     cells = []
-    for name in a.corpora.split(","):
-        text = corpus_text(name, work)
-        if text is None:
-            print(f"skipped {name}: not available here", flush=True)
-            continue
+    for name, text, work in each_available(a.corpora, corpus_text):
         corpus = work / f"{name}.txt"
         corpus.write_text(text, encoding="utf-8")
         for seconds in (float(b) for b in a.budgets.split(",")):

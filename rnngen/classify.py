@@ -23,12 +23,13 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoint import load_checkpoint, load_trainer_state
-from .config import VOTE_GRID, ClassifyConfig, ModelConfig, TokenizerConfig, from_dict, split_options, to_dict
+from .choose import Choice, LabelledStats, choose_classifier, describe_classifier
+from .config import VOTE_GRID, ClassifyConfig, ModelConfig, TokenizerConfig, from_dict, pick, split_options, to_dict
 from .data import mixed_seed
 from .errors import InputError
 from .labelled import LabelledData, ReadConfig, read_labelled, stratified_split
 from .loop import RunResult, TrainEvent, TrainLoop, refuse_existing_run, resume_point, run_to_end
-from .model import ClassifierHead, RNNModel
+from .model import Bag, ClassifierHead, RNNModel, bag_of_ngrams
 from .runtime import LN2, autocast, resolve_device
 from .tokenizers import Tokenizer, fit_tokenizer
 from .training import load_base
@@ -41,33 +42,52 @@ def start_ids(tokenizer: Tokenizer) -> list[int]:
     return ids if ids and ids[0] != tokenizer.unk_id else []
 
 
+NgramBag = tuple[np.ndarray, np.ndarray]  # one text's hashed n-gram buckets and their counts (model.bag_of_ngrams)
+
+
 @dataclass
 class Encoded:
-    """Token sequences of a labelled set: classifier inputs, LM inputs (label first) and class indices."""
+    """Token sequences of a labelled set: classifier inputs, LM inputs (label first), class indices, and the
+    bags of n-grams of the whole texts where the classifier reads them."""
 
     inputs: list[np.ndarray]
     lm_inputs: list[np.ndarray]
     targets: np.ndarray
     unknown: int = 0  # characters the tokenizer could not represent
+    bags: list[NgramBag] | None = None
 
     def __len__(self) -> int:
         return len(self.inputs)
 
 
-def encode_texts(tokenizer: Tokenizer, texts: Sequence[str], max_len: int) -> tuple[list[np.ndarray], int]:
-    """Classifier inputs (start token + the first tokens of each text) and the count of unknown characters."""
+@dataclass
+class ClassifierInputs:
+    """What the classifier reads of some texts: start token + each text's first tokens, and (where the head
+    reads them) the bag of n-grams of each whole text."""
+
+    seqs: list[np.ndarray]
+    bags: list[NgramBag] | None
+    unknown: int = 0  # characters the tokenizer could not represent
+
+
+def encode_texts(tokenizer: Tokenizer, texts: Sequence[str], max_len: int, ngrams: int = 0) -> ClassifierInputs:
+    """The classifier's inputs for ``texts``: the first ``max_len`` tokens, and bags of 1- to ``ngrams``-grams."""
     head = np.asarray(start_ids(tokenizer), dtype=np.int64)
-    seqs, unknown = [], 0
+    seqs, bags, unknown = [], [], 0
     for text in texts:
-        ids = np.asarray(tokenizer.encode(text), dtype=np.int64)[: max_len]
+        whole = np.asarray(tokenizer.encode(text), dtype=np.int64)
+        ids = whole[: max_len]
         seqs.append(np.concatenate([head, ids]) if len(ids) else np.concatenate([head, [tokenizer.unk_id]]))
+        if ngrams:
+            bags.append(bag_of_ngrams(whole, ngrams))
         unknown += tokenizer.count_unknown(text)
-    return seqs, unknown
+    return ClassifierInputs(seqs, bags if ngrams else None, unknown)
 
 
 def encode_data(data: LabelledData, tokenizer: Tokenizer, model_config: ModelConfig, classes: list[str],
-                max_len: int) -> Encoded:
-    inputs, unknown = encode_texts(tokenizer, data.texts, max_len)
+                max_len: int, ngrams: int = 0) -> Encoded:
+    read = encode_texts(tokenizer, data.texts, max_len, ngrams)
+    inputs = read.seqs
     end = start_ids(tokenizer)
     skip = len(end)  # the classifier input starts with the newline; the LM input starts with the label
     lm_inputs = []
@@ -75,7 +95,7 @@ def encode_data(data: LabelledData, tokenizer: Tokenizer, model_config: ModelCon
         for seq, label in zip(inputs, data.labels):
             lm_inputs.append(np.concatenate([[model_config.label_id(label)], seq[skip:], end]))
     index = {c: i for i, c in enumerate(classes)}
-    return Encoded(inputs, lm_inputs, np.array([index[label] for label in data.labels]), unknown)
+    return Encoded(inputs, lm_inputs, np.array([index[label] for label in data.labels]), read.unknown, read.bags)
 
 
 def pad(seqs: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,6 +105,14 @@ def pad(seqs: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
     for i, s in enumerate(seqs):
         tokens[i, : len(s)] = torch.from_numpy(np.asarray(s, dtype=np.int64))
     return tokens, lengths
+
+
+def pad_bags(bags: Sequence[NgramBag]) -> Bag:
+    """One batch of bags as EmbeddingBag takes them: all bucket ids, each text's offset, all counts."""
+    sizes = [len(ids) for ids, _ in bags]
+    offsets = torch.tensor(np.concatenate([[0], np.cumsum(sizes)[:-1]]), dtype=torch.long)
+    return (torch.from_numpy(np.concatenate([ids for ids, _ in bags])), offsets,
+            torch.from_numpy(np.concatenate([counts for _, counts in bags])))
 
 
 def drop_tokens(tokens: torch.Tensor, p: float, keep: int, unk_id: int) -> torch.Tensor:
@@ -131,21 +159,33 @@ def classification_metrics(truth: np.ndarray, predicted: np.ndarray, classes: li
 
 
 @torch.no_grad()
-def predict_logits(model: RNNModel, seqs: Sequence[np.ndarray], device: torch.device, batch_size: int = 64,
-                   bf16: bool = False) -> torch.Tensor:
-    """Class logits (N, C) for encoded inputs, in their order (batched by length for speed)."""
+def predict_parts(model: RNNModel, seqs: Sequence[np.ndarray], device: torch.device, batch_size: int = 64,
+                  bf16: bool = False, bags: Sequence[NgramBag] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The class logits (N, C) of the recurrent part and of the bag of n-grams (None without bags) for
+    encoded inputs, in their order (batched by length for speed)."""
     was_training = model.training
     model.eval()
     order = np.argsort([len(s) for s in seqs], kind="stable")
-    out = torch.empty(len(seqs), len(model.classifier.classes))  # type: ignore[union-attr]
+    shape = (len(seqs), len(model.classifier.classes))  # type: ignore[union-attr]
+    recurrent, bag_logits = torch.empty(shape), torch.empty(shape) if bags is not None else None
     for start in range(0, len(order), batch_size):
         idx = order[start: start + batch_size]
         tokens, lengths = pad([seqs[i] for i in idx])
+        bag = pad_bags([bags[i] for i in idx]) if bags is not None else None
         with autocast(device, bf16):
-            logits = model.classify(tokens.to(device), lengths)
-        out[torch.from_numpy(idx)] = logits.float().cpu()
+            parts = model.classify_parts(tokens.to(device), lengths, bag)
+        recurrent[torch.from_numpy(idx)] = parts[0].float().cpu()
+        if bag_logits is not None:
+            bag_logits[torch.from_numpy(idx)] = parts[1].float().cpu()  # type: ignore[union-attr]
     model.train(was_training)
-    return out
+    return recurrent, bag_logits
+
+
+def predict_logits(model: RNNModel, seqs: Sequence[np.ndarray], device: torch.device, batch_size: int = 64,
+                   bf16: bool = False, bags: Sequence[NgramBag] | None = None) -> torch.Tensor:
+    """Class scores (N, C) for encoded inputs (and their bags): the model's ``classify``, batched."""
+    parts = predict_parts(model, seqs, device, batch_size, bf16, bags)
+    return model.classifier.mix(*parts)  # type: ignore[union-attr]
 
 
 @torch.no_grad()
@@ -198,11 +238,12 @@ def can_vote(model: RNNModel) -> bool:
             and all(c in model.config.label_tokens for c in classes))
 
 
-def class_log_scores(model: RNNModel, tokenizer: Tokenizer, seqs: Sequence[np.ndarray], device: torch.device,
+def class_log_scores(model: RNNModel, tokenizer: Tokenizer, read: ClassifierInputs, device: torch.device,
                      vote: float = 0.0, log_prior: Sequence[float] | None = None, bf16: bool = False) -> torch.Tensor:
     """Class scores (N, C): the head's log-probabilities, plus ``vote`` times the language model's
     log p(text | label) + log p(label) (Bayes' rule over the label-conditioned LM) where vote > 0."""
-    scores = torch.log_softmax(predict_logits(model, seqs, device, bf16=bf16), dim=-1)
+    seqs = read.seqs
+    scores = torch.log_softmax(predict_logits(model, seqs, device, bf16=bf16, bags=read.bags), dim=-1)
     if vote > 0:
         prior = torch.tensor(log_prior, dtype=torch.float32)
         scores += vote * (label_log_likelihoods(model, tokenizer, seqs, device, bf16) + prior)
@@ -214,6 +255,9 @@ def _lm_targets(tokens: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tens
     x, y = tokens[:, :-1], tokens[:, 1:].clone()
     y[torch.arange(y.size(1))[None, :] >= (lengths - 1)[:, None]] = -100
     return x, y
+
+
+SHARE_GRID = tuple(i / 8 for i in range(9))  # the bag of n-grams' shares of the head tried on validation
 
 
 # -- the model's parameter groups -------------------------------------------------------------------------
@@ -233,9 +277,19 @@ def layer_groups(model: RNNModel) -> list[list[torch.nn.Parameter]]:
     return groups
 
 
+# The bag of n-grams is a linear model over sparse, L2-normalised inputs, started at zero: at the recurrent
+# network's learning rate its logits would take thousands of steps to grow; fastText-style linear models
+# learn at rates tens of times higher.
+BAG_LR_SCALE = 25.0
+
+
 def scaled_groups(model: RNNModel, lr_decay: float, fine_tune: bool) -> list[tuple[list[torch.nn.Parameter], float]]:
-    """Layer groups from the top down, each with its learning-rate scale: lower layers slower when fine-tuning."""
-    return [(params, lr_decay ** -depth if fine_tune else 1.0) for depth, params in enumerate(reversed(layer_groups(model)))]
+    """Layer groups from the top down, each with its learning-rate scale: lower layers slower when fine-tuning;
+    the bag of n-grams (if any) on its own, faster."""
+    bag = [model.classifier.bag.weight] if model.classifier is not None and model.classifier.ngrams else []
+    groups = [([p for p in params if not any(p is b for b in bag)], lr_decay ** -depth if fine_tune else 1.0)
+              for depth, params in enumerate(reversed(layer_groups(model)))]
+    return groups + [(bag, BAG_LR_SCALE)] if bag else groups
 
 
 # -- the trainer ------------------------------------------------------------------------------------------
@@ -281,7 +335,8 @@ class ClassifierTrainer(TrainLoop):
     def headline(self) -> str:
         t = self.meta.get("training", {})
         base = t.get("base")
-        return (f"{'resuming at step ' + str(self.pos.step) if self.resumed else 'training'} a classifier on "
+        return (f"{self.said_choice(self.resumed)}{'resuming at step ' + str(self.pos.step) if self.resumed else 'training'}"
+                f" a classifier on "
                 f"{t.get('data')}: {len(self.classes)} classes, {len(self.train):,} training / {len(self.val):,} "
                 f"validation texts ({t.get('duplicates_removed', 0):,} duplicates removed), "
                 f"{'fine-tuning ' + str(base) if base else 'from scratch'}, {self.model.num_parameters():,} "
@@ -324,11 +379,13 @@ class ClassifierTrainer(TrainLoop):
         tokens, lengths = pad([self.train.inputs[i] for i in idx])
         if config.token_dropout > 0:
             tokens = drop_tokens(tokens, config.token_dropout, len(self.unlabelled_start), self.tokenizer.unk_id)
+        bag = pad_bags([self.train.bags[i] for i in idx]) if self.train.bags is not None else None
         targets = torch.from_numpy(self.train.targets[idx]).to(self.device)
         with autocast(self.device, self.bf16):
-            logits = self.model.classify(tokens.to(self.device), lengths)
-        loss = F.cross_entropy(logits.float(), targets, weight=self.class_weights,
-                               label_smoothing=config.label_smoothing)
+            parts = self.model.classify_parts(tokens.to(self.device), lengths, bag)
+        # Each part learns from its own loss (see model.ClassifierHead); they are mixed in evaluate().
+        loss = sum(F.cross_entropy(logits.float(), targets, weight=self.class_weights,
+                                   label_smoothing=config.label_smoothing) for logits in parts if logits is not None)
         if self.use_lm:
             x, y = _lm_targets(*pad(self._lm_inputs(idx, pos.epoch)))
             with autocast(self.device, self.bf16):
@@ -340,7 +397,9 @@ class ClassifierTrainer(TrainLoop):
     def evaluate(self) -> dict[str, Any]:
         """Validation metrics; with the LM's vote, of the weight that classifies the most texts right (the
         smallest of equals), kept as ``lm_vote``; ``loss`` is the head's."""
-        head = torch.log_softmax(predict_logits(self.model, self.val.inputs, self.device, bf16=self.bf16), dim=-1)
+        recurrent, bag = predict_parts(self.model, self.val.inputs, self.device, bf16=self.bf16, bags=self.val.bags)
+        share = self._choose_bag_share(recurrent, bag) if bag is not None else None
+        head = torch.log_softmax(self.model.classifier.mix(recurrent, bag), dim=-1)  # type: ignore[union-attr]
         scores, vote = head, 0.0
         if self.votes:
             lm = label_log_likelihoods(self.model, self.tokenizer, self.val.inputs, self.device, self.bf16)
@@ -352,9 +411,22 @@ class ClassifierTrainer(TrainLoop):
         val = classification_metrics(self.val.targets, scores.argmax(1).numpy(), classes)
         val["loss"] = float(F.nll_loss(head, torch.from_numpy(self.val.targets)))
         val["lm_vote"] = vote
+        if share is not None:
+            val["bag_share"] = share
         if self.val.lm_inputs and not self.model.config.bidirectional:
             val.update(lm_loss(self.model, self.val.lm_inputs, self.char_lengths, self.device, bf16=self.bf16))
         return val
+
+    def _choose_bag_share(self, recurrent: torch.Tensor, bag: torch.Tensor) -> float:
+        """The bag's share of the head's scores that classifies the most validation texts right (at equal
+        counts, the lowest loss), set in the model: from 0 (the recurrent part alone) to 1 (the bag alone)."""
+        head, targets = self.model.classifier, torch.from_numpy(self.val.targets)  # type: ignore[union-attr]
+        def merit(share: float) -> tuple[int, float]:
+            scores = torch.log_softmax(head.mix(recurrent, bag, share), -1)  # type: ignore[union-attr]
+            return int((scores.argmax(1) == targets).sum()), -float(F.nll_loss(scores, targets))
+        share = max(SHARE_GRID, key=merit)
+        head.bag_share.fill_(share)  # type: ignore[union-attr]
+        return share
 
     def take_if_best(self, val: dict[str, Any]) -> bool:
         # Higher accuracy wins; at equal accuracy (often 1.0 on easy data) a lower loss, the LM's included,
@@ -394,6 +466,12 @@ def prepare_classifier(data_paths: Sequence[str], out: str | Path, base: str | N
     train_set, val_set = stratified_split(data, config.val_fraction, config.seed)
     classes = data.classes
     device = resolve_device(config.device)
+    choice, stats = Choice(), LabelledStats.of(train_set.texts)
+    if config.preset == "auto":
+        choose_classifier(stats, config, {**tokenizer_options, **model_options, **run_options}, choice,
+                          new_model=not base)
+        tokenizer_options = {**pick(choice.options, TokenizerConfig), **tokenizer_options}
+        config = replace(config, **pick(choice.options, ClassifyConfig))
     torch.manual_seed(config.seed)
     if base:
         if model_options.get("bidirectional"):
@@ -401,8 +479,9 @@ def prepare_classifier(data_paths: Sequence[str], out: str | Path, base: str | N
                              "drop it, or train from scratch without --from")
         model, tokenizer, _ = load_base(base, model_options, tokenizer_options)
         model = model.adapted(replace(model.config, **model_options))  # only dropout rates may differ
-        if model.classifier is not None and model.classifier.classes != classes:
-            del model.heads["classifier"]  # a new task: a new head
+        if model.classifier is not None and (model.classifier.classes, model.classifier.ngrams) != (
+                classes, config.ngrams):
+            del model.heads["classifier"]  # a new task, or another kind of head: a new head
     else:
         tok = TokenizerConfig(**tokenizer_options)
         tokenizer = fit_tokenizer(iter(["\n".join(train_set.texts) + "\n"]), tok.tokenizer, tok.vocab_size,
@@ -411,15 +490,21 @@ def prepare_classifier(data_paths: Sequence[str], out: str | Path, base: str | N
     if config.lm_weight > 0 and not model.config.bidirectional:
         model = model.with_label_tokens(classes)
     if model.classifier is None:
-        model.heads["classifier"] = ClassifierHead(model.encoder.output_size, classes, config.head_dropout)
-    train_enc = encode_data(train_set, tokenizer, model.config, classes, config.max_len)
-    val_enc = encode_data(val_set, tokenizer, model.config, classes, config.max_len)
+        model.heads["classifier"] = ClassifierHead(model.encoder.output_size, classes, config.head_dropout,
+                                                   config.ngrams)
+    train_enc = encode_data(train_set, tokenizer, model.config, classes, config.max_len, config.ngrams)
+    val_enc = encode_data(val_set, tokenizer, model.config, classes, config.max_len, config.ngrams)
+    if train_enc.bags is not None:
+        model.classifier.set_idf([ids for ids, _ in train_enc.bags])  # type: ignore[union-attr]
+    if config.preset == "auto":
+        choice.line = describe_classifier({**to_dict(model.config), "tokenizer": tokenizer.kind}, stats, config)
     meta = {"training": {"task": "classify", "data": ", ".join(str(p) for p in data_paths),
                          "corpus": ", ".join(str(p) for p in data_paths),
                          "examples": len(train_set), "val_examples": len(val_set), "classes": classes,
                          "duplicates_removed": train_set.duplicates_removed, "skipped": dict(data.skipped),
                          "unknown_characters": train_enc.unknown + val_enc.unknown,
-                         "base": str(base) if base else None},
+                         "base": str(base) if base else None,
+                         **({"chosen": choice.to_dict()} if choice.line else {})},
             "resume": {"data": {"paths": [str(Path(p).resolve()) for p in data_paths], "read": read_options,
                                 "examples": len(data)}}}
     return ClassifierTrainer(model, tokenizer, train_enc, val_enc, config, run_dir, meta, device,
@@ -451,8 +536,9 @@ def _prepare_resume(run_dir: Path, data_paths: Sequence[str], overrides: dict[st
     model, tokenizer, ckpt, _ = load_checkpoint(last, device)
     train_set, val_set = stratified_split(data, config.val_fraction, config.seed)
     classes = model.classifier.classes  # type: ignore[union-attr]
-    train_enc = encode_data(train_set, tokenizer, model.config, classes, config.max_len)
-    val_enc = encode_data(val_set, tokenizer, model.config, classes, config.max_len)
+    ngrams = model.classifier.ngrams  # type: ignore[union-attr]
+    train_enc = encode_data(train_set, tokenizer, model.config, classes, config.max_len, ngrams)
+    val_enc = encode_data(val_set, tokenizer, model.config, classes, config.max_len, ngrams)
     meta = {"training": {k: v for k, v in ckpt.get("training", {}).items()
                          if k not in ("step", "seconds", "best_step", "best_val", "last_val")},
             "resume": {"data": saved}}
@@ -476,13 +562,13 @@ def checkpoint_scores(model: RNNModel, tokenizer: Tokenizer, checkpoint_config: 
     if model.classifier is None:
         raise InputError("this checkpoint has no classification head; train one with "
                          "`rnngen classify train DATA --from CHECKPOINT`")
-    seqs, unknown = encode_texts(tokenizer, texts, max_len_of(checkpoint_config))
+    read = encode_texts(tokenizer, texts, max_len_of(checkpoint_config), model.classifier.ngrams)
     saved = checkpoint_config.get("classify", {})
     if "log_prior" not in saved or not can_vote(model):
         vote = 0.0
     elif vote is None:
         vote = float(saved.get("lm_vote", 0.0))
-    return class_log_scores(model, tokenizer, seqs, device, vote, saved.get("log_prior")), unknown, vote
+    return class_log_scores(model, tokenizer, read, device, vote, saved.get("log_prior")), read.unknown, vote
 
 
 def classify_texts(model: RNNModel, tokenizer: Tokenizer, checkpoint_config: dict[str, Any], texts: Sequence[str],

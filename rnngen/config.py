@@ -227,6 +227,8 @@ class ClassifyConfig(RunConfig):
     val_fraction: float = option(0.2, "Share of each class held out.")
     max_epochs: int = option(10, "Passes over the training texts.")
     max_len: int = option(256, "Tokens of each text read (its beginning).")
+    ngrams: int = option(0, "Add a linear model of each whole text's bag of token n-grams (1 to N tokens, "
+                            "TF-IDF weighted) to the recurrent classifier (0 = off).")
     balance: bool = option(False, "Weight classes by inverse frequency.")
     lm_weight: float = option(0.5, "Weight of the auxiliary language-model loss on the texts, which keeps the "
                                    "model generating (0 = off).")
@@ -244,6 +246,9 @@ class ClassifyConfig(RunConfig):
                                          "log p(text | label) + log p(label), added to the head's "
                                          "log-probabilities (0 = the head alone).",
                                    shown="auto, chosen on the validation set", metavar="WEIGHT|auto")
+    preset: str = option("auto", "auto: choose the tokenizer, the bag of n-grams, word dropout and the epochs for "
+                                 "the data and the budget (every option given wins; said in one line at the "
+                                 "start); plain: the fixed defaults shown here.", choices=PRESETS)
     lr_decay: float = option(2.6, "Fine-tuning: each lower layer group learns this much slower.")
     unfreeze_every: int | None = option(None, "Fine-tuning: unfreeze one more layer group every N steps.",
                                         shown="one epoch")
@@ -252,6 +257,7 @@ class ClassifyConfig(RunConfig):
         super().__post_init__()
         for name in ("max_epochs", "max_len"):
             require(getattr(self, name) >= 1, f"{flag(name)} must be at least 1")
+        require(0 <= self.ngrams <= 8, "--ngrams must be from 0 (off) to 8")
         require(self.unfreeze_every is None or self.unfreeze_every >= 1, "--unfreeze-every must be at least 1")
         require(math.isfinite(self.lm_weight) and self.lm_weight >= 0, "--lm-weight must not be negative")
         for name in ("label_dropout", "head_dropout", "token_dropout", "label_smoothing"):

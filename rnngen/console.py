@@ -175,7 +175,7 @@ def info(summary: dict[str, Any]) -> None:
         **({"classes": f"{len(classes)}: {', '.join(classes)}"} if classes else {}),
         "corpus": summary["corpus"] or "-",
         **({"fine-tuned from": summary["base"]} if summary["base"] else {}),
-        **({"chosen for the corpus": summary["chosen"]["line"]} if summary.get("chosen") else {}),
+        **({"chosen for the data": summary["chosen"]["line"]} if summary.get("chosen") else {}),
         "steps": summary["steps"], "training time": f"{summary['seconds'] or 0:.0f} s",
         "best step": summary["best_step"], "best validation": best_text,
         "written by": f"rnngen {summary['written_by'] or '?'}"}

@@ -230,7 +230,7 @@ def tokenizer_json(tokenizer: Tokenizer) -> dict[str, Any]:
 
 
 def no_prompt_ids(tokenizer: Tokenizer) -> list[int]:
-    """Where generation without a prompt starts: the encoding of a newline (as Generator._start_ids)."""
+    """Where generation without a prompt starts: the encoding of a newline (as Sampler._prompt_ids)."""
     newline = [int(i) for i in tokenizer.encode("\n")]
     return newline if newline and newline[0] != tokenizer.unk_id else [tokenizer.vocab_size - 1]
 
@@ -245,6 +245,9 @@ def _check_exportable(model: RNNModel, tokenizer: Tokenizer, fmt: str) -> None:
     if unknown:
         raise InputError(f"rnngen export does not know the head {unknown[0]!r} of this checkpoint; it exports "
                          "language models and classifiers")
+    if model.classifier is not None and model.classifier.ngrams:
+        raise InputError("this classifier also reads each text's bag of n-grams, which rnngen export does not "
+                         "write yet; export a classifier trained with --ngrams 0")
     if not isinstance(tokenizer, (CharTokenizer, SentencePieceTokenizer)):
         raise InputError(f"rnngen export does not know the tokenizer {tokenizer.kind!r}")
 

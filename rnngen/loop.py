@@ -280,6 +280,11 @@ class TrainLoop:
         """One line saying what this run is, for the caller to show as it starts."""
         return ""
 
+    def said_choice(self, resumed: bool) -> str:
+        """The line of what ``--preset auto`` chose, said before a new run's headline (a resumed run chose before)."""
+        chosen = self.meta.get("training", {}).get("chosen")
+        return f"chosen for this data and budget: {chosen['line']}\n" if chosen and not resumed else ""
+
     def extra_state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         """What else resuming needs, beyond the loop's own state (a collective under torchrun)."""
         return {}, {}

@@ -12,6 +12,7 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -108,26 +109,101 @@ class LMHead(nn.Module):
         return F.linear(self.dropout(hidden), self.weight, self.bias)  # (B, T, V)
 
 
-class ClassifierHead(nn.Module):
-    """Pools the hidden sequence (final state, masked mean and max, concatenated), then dropout and a linear."""
+Bag = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # bucket ids (N,), offsets (B,), counts (N,)
 
-    def __init__(self, input_size: int, classes: list[str], dropout: float = 0.2) -> None:
+BAG_BUCKETS = 2 ** 18  # hashed n-gram buckets: collisions stay rare up to ~100k distinct n-grams
+
+
+def bag_of_ngrams(ids: np.ndarray, ngrams: int, buckets: int = BAG_BUCKETS) -> tuple[np.ndarray, np.ndarray]:
+    """The hashed n-grams (1 to ``ngrams`` tokens) of a token sequence: sorted bucket ids and their counts.
+
+    An n-gram's bucket is a polynomial hash of its token ids, started from a value of its own for each n
+    (so "ab" and "a" hash apart); numpy's int64 arithmetic wraps around, which is the hash's modulus."""
+    ids = np.asarray(ids, dtype=np.int64)
+    grams = []
+    for n in range(1, ngrams + 1):
+        if len(ids) < n:
+            break
+        h = np.full(len(ids) - n + 1, n * 0x9E3779B1, dtype=np.int64)
+        for k in range(n):
+            h = h * np.int64(1_000_003) + ids[k: len(ids) - n + 1 + k]
+        grams.append(h)
+    if not grams:
+        return np.zeros(0, np.int64), np.zeros(0, np.float32)
+    hashed = np.concatenate(grams)
+    hashed ^= hashed >> 29  # mix the high bits into the low ones the modulus keeps
+    unique, counts = np.unique(np.mod(hashed, buckets), return_counts=True)
+    return unique.astype(np.int64), counts.astype(np.float32)
+
+
+class ClassifierHead(nn.Module):
+    """Pools the hidden sequence (final state, masked mean and max, concatenated), then dropout and a linear.
+
+    With ``ngrams`` > 0 it also has a linear model of the text's bag of hashed token n-grams, weighted as in
+    TF-IDF (log counts times the inverse document frequency, L2-normalised): what a topic task rewards,
+    read over the whole text however long, while the recurrent encoder reads its beginning. The two are
+    trained side by side, each on its own loss (trained on one summed logit, whichever fits the training
+    texts first leaves the other nothing to learn from: measured, the pair then classified worse than the
+    bag alone), and their log-probabilities are mixed with the share ``bag_share`` chosen on validation."""
+
+    def __init__(self, input_size: int, classes: list[str], dropout: float = 0.2, ngrams: int = 0) -> None:
         super().__init__()
         self.classes = list(classes)
+        self.ngrams = ngrams
         self.dropout = nn.Dropout(dropout)
         self.proj = nn.Linear(3 * input_size, len(classes))
+        if ngrams:
+            self.bag = nn.EmbeddingBag(BAG_BUCKETS, len(classes), mode="sum")
+            nn.init.zeros_(self.bag.weight)
+            self.register_buffer("idf", torch.ones(BAG_BUCKETS))
+            self.register_buffer("bag_share", torch.tensor(0.5))
 
     def spec(self) -> dict:
-        return {"type": "classifier", "classes": self.classes, "dropout": self.dropout.p}
+        return {"type": "classifier", "classes": self.classes, "dropout": self.dropout.p, "ngrams": self.ngrams}
 
-    def forward(self, hidden: torch.Tensor, last: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """Class logits (B, C) from hidden (B, T, D), final states (B, D) and lengths (B,)."""
+    def set_idf(self, documents: list[np.ndarray]) -> None:
+        """Inverse document frequencies of the buckets, from the training texts' bags (bucket ids each)."""
+        df = torch.zeros(BAG_BUCKETS)
+        for ids in documents:
+            df[torch.as_tensor(ids)] += 1
+        self.idf.copy_(torch.log((1 + len(documents)) / (1 + df)) + 1)
+
+    def bag_logits(self, bag: Bag) -> torch.Tensor:
+        ids, offsets, counts = (t.to(self.idf.device) for t in bag)
+        weights = torch.log1p(counts) * self.idf[ids]
+        text = torch.repeat_interleave(torch.arange(len(offsets), device=ids.device),
+                                       torch.diff(offsets, append=offsets.new_tensor([len(ids)])))
+        norms = torch.zeros(len(offsets), device=ids.device).index_add_(0, text, weights ** 2).sqrt()
+        return self.bag(ids, offsets, per_sample_weights=weights / norms.clamp_min(1e-6)[text])
+
+    def parts(self, hidden: torch.Tensor, last: torch.Tensor, lengths: torch.Tensor,
+              bag: Bag | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The recurrent part's class logits (B, C) from hidden (B, T, D), final states (B, D) and lengths (B,);
+        and the bag's from the texts' bags (None without a bag)."""
         mask = (torch.arange(hidden.size(1), device=hidden.device)[None, :]
                 < lengths.to(hidden.device)[:, None]).unsqueeze(-1)  # (B, T, 1): True on real tokens
         hidden = hidden.float()
         mean = (hidden * mask).sum(1) / lengths.to(hidden.device)[:, None].float()
         peak = hidden.masked_fill(~mask, float("-inf")).amax(1)
-        return self.proj(self.dropout(torch.cat([last.float(), mean, peak], dim=-1)))
+        logits = self.proj(self.dropout(torch.cat([last.float(), mean, peak], dim=-1)))
+        if not self.ngrams:
+            return logits, None
+        if bag is None:
+            raise ValueError("this classifier reads the texts' bags of n-grams: pass them")
+        return logits, self.bag_logits(bag)
+
+    def mix(self, recurrent: torch.Tensor, bag: torch.Tensor | None, share: float | None = None) -> torch.Tensor:
+        """The class scores of the two parts: their log-probabilities mixed with ``share`` (default: the chosen
+        one) for the bag; the recurrent logits as they are without a bag."""
+        if bag is None:
+            return recurrent
+        share = float(self.bag_share) if share is None else share
+        return (1 - share) * F.log_softmax(recurrent, -1) + share * F.log_softmax(bag, -1)
+
+    def forward(self, hidden: torch.Tensor, last: torch.Tensor, lengths: torch.Tensor,
+                bag: Bag | None = None) -> torch.Tensor:
+        """Class scores (B, C): logits, or with a bag log-probabilities (see ``mix``)."""
+        return self.mix(*self.parts(hidden, last, lengths, bag))
 
 
 class RNNModel(nn.Module):
@@ -153,12 +229,18 @@ class RNNModel(nn.Module):
         head = self.heads["classifier"] if "classifier" in self.heads else None
         return head  # type: ignore[return-value]
 
-    def classify(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """Class logits (B, C) for right-padded token sequences."""
+    def classify(self, tokens: torch.Tensor, lengths: torch.Tensor, bag: Bag | None = None) -> torch.Tensor:
+        """Class scores (B, C) for right-padded token sequences (and their bags of n-grams, if the head reads them)."""
+        parts = self.classify_parts(tokens, lengths, bag)
+        return self.classifier.mix(*parts)  # type: ignore[union-attr]
+
+    def classify_parts(self, tokens: torch.Tensor, lengths: torch.Tensor,
+                       bag: Bag | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The class logits of the recurrent part and of the bag of n-grams (None without), unmixed."""
         if self.classifier is None:
             raise CheckpointError("this model has no classification head; train one with `rnngen classify train`")
         hidden, last = self.encoder.forward_padded(tokens, lengths)
-        return self.classifier(hidden, last, lengths)
+        return self.classifier.parts(hidden, last, lengths, bag)
 
     def adapted(self, config: ModelConfig) -> RNNModel:
         """A copy with ``config``: other dropout rates, symbols appended to the tokenizer's, label tokens
@@ -204,7 +286,8 @@ def attach_heads(model: RNNModel, config: dict) -> None:
     """Create the extra heads a checkpoint's config.json lists, so their weights can load."""
     for name, spec in (config.get("heads") or {}).items():
         if spec.get("type") == "classifier" and name == "classifier":
-            model.heads[name] = ClassifierHead(model.encoder.output_size, spec["classes"], spec.get("dropout", 0.2))
+            model.heads[name] = ClassifierHead(model.encoder.output_size, spec["classes"], spec.get("dropout", 0.2),
+                                               spec.get("ngrams", 0))
             continue
         raise CheckpointError(f"the checkpoint has a head {name!r} of type {spec.get('type')!r} that this "
                               "rnngen does not know; upgrade rnngen")

@@ -58,9 +58,7 @@ class Trainer(TrainLoop):
     def headline(self) -> str:
         processes = f" x {self.dist.world_size} processes" if self.dist.enabled else ""
         what = self.meta.get("training", {}).get("corpus", "")
-        chosen = self.meta.get("training", {}).get("chosen")
-        said = f"chosen for this corpus and budget: {chosen['line']}\n" if chosen and not self.resumed else ""
-        return (f"{said}{'resuming at step ' + str(self.pos.step) if self.resumed else 'training'} on {what}: "
+        return (f"{self.said_choice(self.resumed)}{'resuming at step ' + str(self.pos.step) if self.resumed else 'training'} on {what}: "
                 f"{self.model.num_parameters():,} parameters, {len(self.split.tokens):,} tokens, device "
                 f"{self.device.type}{processes}, {'bf16' if self.bf16 else 'fp32'}, into {self.run_dir}")
 

@@ -98,7 +98,7 @@ def test_the_printed_choice_is_what_was_trained_and_resume_keeps_it(tmp_path: Pa
     proc = run_cli("train", str(prose_corpus), "--out", str(run), "--max-steps", "30", "--hidden", "24",
                    "--emb-dim", "8", "--batch-size", "4", "--seq-len", "16", "--dropout", "0.2", "--sample-length", "0")
     assert proc.returncode == 0, proc.stderr
-    said = [line for line in proc.stderr.splitlines() if line.startswith("chosen for this corpus and budget: ")]
+    said = [line for line in proc.stderr.splitlines() if line.startswith("chosen for this data and budget: ")]
     assert len(said) == 1
     training = json.loads((run / "best" / "config.json").read_text())["training"]
     chosen = training["chosen"]
@@ -113,7 +113,7 @@ def test_the_printed_choice_is_what_was_trained_and_resume_keeps_it(tmp_path: Pa
     assert chosen["line"] in info.stdout
     resumed = run_cli("train", "--resume", "--out", str(run), "--max-steps", "40", "--sample-length", "0")
     assert resumed.returncode == 0, resumed.stderr
-    assert "chosen for this corpus" not in resumed.stderr  # nothing is chosen again
+    assert "chosen for this data" not in resumed.stderr  # nothing is chosen again
     again = json.loads((run / "best" / "config.json").read_text())["training"]
     assert again["chosen"] == chosen and again["train_config"]["schedule"] == "wsd" and again["step"] == 40
 
@@ -166,3 +166,55 @@ def test_the_thread_tuner_stays_off_where_it_has_nothing_to_choose() -> None:
         assert not ThreadTuner(torch.device("cuda")).enabled
     finally:
         torch.set_num_threads(before)
+
+
+# -- classification --------------------------------------------------------------------------------------------
+
+def test_short_texts_are_read_as_characters_and_long_ones_as_subwords() -> None:
+    from rnngen.choose import LabelledStats, choose_classifier
+    from rnngen.config import ClassifyConfig
+
+    names = LabelledStats.of(["Nakamura", "Smith", "Ivanov"] * 100)
+    choice = Choice()
+    choose_classifier(names, ClassifyConfig(), {}, choice, new_model=True)
+    assert choice.options["tokenizer"] == "char" and choice.options["ngrams"] == 4
+    assert choice.options["token_dropout"] == 0.3 and choice.options["schedule"] == "wsd"
+    # 300 texts, 240 to train in batches of 32: 8 steps an epoch; at least 3,000 steps, at most 50 epochs.
+    assert choice.options["max_epochs"] == choose.UNTIMED_EPOCHS
+
+    articles = LabelledStats.of([("the market rose as shares of the bank fell " * 10)[: 300 + i] for i in range(6000)])
+    assert articles.median_chars >= choose.LONG_TEXT
+    choice = Choice()
+    choose_classifier(articles, ClassifyConfig(max_time=300), {}, choice, new_model=True)
+    assert choice.options["tokenizer"] == "bpe" and choice.options["ngrams"] == 2
+    assert choice.options["vocab_size"] == choose.SUBWORD_VOCAB  # 1.9M characters fill it
+    assert choice.options["max_epochs"] == choose.TIMED_EPOCHS  # the time decides
+    small = LabelledStats.of(["a long enough text about markets and banks, " * 3] * 50)
+    choice = Choice()
+    choose_classifier(small, ClassifyConfig(), {}, choice, new_model=True)
+    assert choice.options["vocab_size"] < choose.SUBWORD_VOCAB  # a small data set cannot fill 8,000 pieces
+
+    choice = Choice()  # what the user gives wins; fine-tuning keeps its base's tokenizer
+    choose_classifier(articles, ClassifyConfig(), {"ngrams": 0, "max_epochs": 3}, choice, new_model=False)
+    assert not {"tokenizer", "vocab_size", "ngrams", "max_epochs"} & set(choice.options)
+
+
+def test_classify_train_says_what_it_chose_and_keeps_it(tmp_path: Path) -> None:
+    rows = "".join(f"{'ab' * (i % 5 + 1)},{'x' if i % 2 else 'y'}\n" for i in range(60))
+    data = tmp_path / "data.csv"
+    data.write_text("text,label\n" + rows, encoding="utf-8")
+    proc = run_cli("classify", "train", str(data), "--out", str(tmp_path / "run"), "--hidden", "16", "--emb-dim", "8",
+                   "--layers", "1", "--max-epochs", "2", "--token-dropout", "0.1")
+    assert proc.returncode == 0, proc.stderr
+    said = [line for line in proc.stderr.splitlines() if line.startswith("chosen for this data and budget: ")]
+    assert len(said) == 1 and "char + bag of 1-4-grams" in said[0] and "word dropout 0.1" in said[0], proc.stderr
+    config = json.loads((tmp_path / "run" / "last" / "config.json").read_text())
+    assert config["heads"]["classifier"]["ngrams"] == 4
+    assert config["classify"]["config"]["token_dropout"] == 0.1 and config["classify"]["config"]["max_epochs"] == 2
+    assert said[0].endswith(config["training"]["chosen"]["line"])
+    info = json.loads(run_cli("info", str(tmp_path / "run"), "--json").stdout)
+    assert info["chosen"]["line"] == config["training"]["chosen"]["line"]
+    plain = run_cli("classify", "train", str(data), "--out", str(tmp_path / "plain"), "--hidden", "16", "--emb-dim",
+                    "8", "--layers", "1", "--max-epochs", "1", "--preset", "plain")
+    assert plain.returncode == 0 and "chosen for" not in plain.stderr
+    assert json.loads((tmp_path / "plain" / "last" / "config.json").read_text())["heads"]["classifier"]["ngrams"] == 0

@@ -16,7 +16,8 @@ import torch
 import rnngen
 from rnngen.checkpoint import load_checkpoint
 from rnngen.classify import (VOTE_GRID, classification_metrics, drop_tokens, encode_texts, label_log_likelihoods,
-                             length_batches, pad, predict_logits, prepare_classifier)
+                             length_batches, pad, pad_bags, predict_logits, prepare_classifier)
+from rnngen.model import bag_of_ngrams
 from rnngen.config import ModelConfig
 from rnngen.errors import InputError
 from rnngen.loop import WeightAverage
@@ -194,9 +195,11 @@ def test_a_checkpoint_with_both_heads_round_trips(order_csv: Path, tmp_path: Pat
     assert torch.isinf(gen.start("good").logits[0, text_vocab:]).all()
     assert torch.isfinite(gen.model.lm_head.bias).all()
     texts = ["not good", "good not at all"]
+    assert trainer.model.classifier.ngrams > 0  # the default (auto) classifier also reads bags of n-grams
+    bags = pad_bags([bag_of_ngrams(gen.tokenizer.encode(t), trainer.model.classifier.ngrams) for t in texts])
     with torch.no_grad():
         expected = torch.softmax(trainer.model.eval().classify(*pad(
-            [trainer.train.inputs[0][:1].tolist() + list(gen.tokenizer.encode(t)) for t in texts])), -1)
+            [trainer.train.inputs[0][:1].tolist() + list(gen.tokenizer.encode(t)) for t in texts]), bags), -1)
     got = gen.classify(texts, top=2)
     for probs, result in zip(expected, got):
         assert result["probability"] == pytest.approx(float(probs.max()), abs=1e-5)
@@ -345,7 +348,7 @@ def test_guidance_makes_samples_more_typical_of_their_label(tmp_path: Path) -> N
     run = tmp_path / "run"
     proc = run_cli("classify", "train", str(write_csv(tmp_path / "xy.csv", rows)), "--out", str(run), *SMALL,
                    "--max-epochs", "20", "--patience", "20", "--lr", "1e-2", "--lm-weight", "1.0",
-                   "--label-dropout", "0.2", "-q")
+                   "--label-dropout", "0.2", "--preset", "plain", "-q")
     assert proc.returncode == 0, proc.stderr
     gen = rnngen.load(str(run))
 
@@ -385,7 +388,8 @@ def test_label_smoothing_caps_the_confidence_it_trains_towards(tmp_path: Path, s
     data = write_csv(tmp_path / "easy.csv", rows)
     trainer = prepare_classifier([str(data)], tmp_path / "run", **{"hidden": 16, "emb_dim": 8,
                                  "layers": 1, "dropout": 0.0}, max_steps=300, device="cpu", lm_weight=0,
-                                 head_dropout=0.0, lr=1e-2, label_smoothing=smoothing, patience=None)
+                                 head_dropout=0.0, lr=1e-2, label_smoothing=smoothing, patience=None,
+                                     preset="plain")  # the recurrent head alone: no bag beside it
     trainer.run()
     results = rnngen.load(str(tmp_path / "run" / "last")).classify([text for text, _ in rows])
     assert [r["label"] for r in results] == [label for _, label in rows]
@@ -405,7 +409,7 @@ def test_label_log_likelihoods_read_each_text_after_each_label() -> None:
     model = model.with_label_tokens(["neg", "pos"]).eval()
     model.heads["classifier"] = ClassifierHead(model.encoder.output_size, ["neg", "pos"], 0.0)
     texts = ["not good", "a", "good not abc abc"]
-    seqs, _ = encode_texts(tok, texts, 256)
+    seqs = encode_texts(tok, texts, 256).seqs
     got = label_log_likelihoods(model, tok, seqs, torch.device("cpu"))
     assert got.shape == (3, 2)
     for i, text in enumerate(texts):
@@ -429,9 +433,9 @@ def test_the_checkpoint_classifies_with_the_language_models_vote(order_csv: Path
     gen = rnngen.load(str(tmp_path / "fixed" / "best"))
     assert gen.config["classify"]["lm_vote"] == 0.5
     texts = ["not good", "good not at all", "the food was not good"]
-    seqs, _ = encode_texts(gen.tokenizer, texts, 256)
-    cpu = torch.device("cpu")
-    head = torch.log_softmax(predict_logits(gen.model, seqs, cpu), -1)
+    read = encode_texts(gen.tokenizer, texts, 256, gen.model.classifier.ngrams)
+    seqs, cpu = read.seqs, torch.device("cpu")
+    head = torch.log_softmax(predict_logits(gen.model, seqs, cpu, bags=read.bags), -1)
     lm = label_log_likelihoods(gen.model, gen.tokenizer, seqs, cpu)
     prior = torch.tensor(gen.config["classify"]["log_prior"])
     assert prior.exp().sum().item() == pytest.approx(1.0)
@@ -455,3 +459,37 @@ def test_the_checkpoint_classifies_with_the_language_models_vote(order_csv: Path
     assert kept["classify"]["lm_vote"] == best["val_lm_vote"]
     off = prepare_classifier([str(order_csv)], tmp_path / "off", lm_vote=0, **options)
     assert off.votes == () and off.evaluate()["lm_vote"] == 0.0
+
+
+def test_bag_of_ngrams_counts_each_ngram_once_per_bucket() -> None:
+    buckets, counts = bag_of_ngrams(np.array([1, 2, 1, 2]), 2)
+    assert counts.sum() == 4 + 3  # four unigrams, three bigrams
+    assert sorted(counts.tolist()) == [1, 2, 2, 2]  # 1, 2, (1 2) twice each; (2 1) once
+    assert (np.diff(buckets) > 0).all()  # sorted, distinct
+    again, _ = bag_of_ngrams(np.array([2, 1]), 2)
+    assert set(again.tolist()) < set(buckets.tolist())  # the same n-grams, the same buckets
+    assert len(bag_of_ngrams(np.array([], dtype=np.int64), 3)[0]) == 0
+
+
+def test_the_bag_reads_what_the_recurrent_part_does_not(tmp_path: Path) -> None:
+    """The label is the last word of each text, beyond the 8 characters the recurrent part reads (--max-len 8):
+    without the bag of n-grams a classifier is at chance; with it, right on held-out texts."""
+    rng = random.Random(0)
+    filler = ["lorem", "ipsum", "dolor", "sit", "amet", "magna", "sed", "quis", "nisi", "ut", "enim", "minim"]
+
+    def rows(n: int) -> list[tuple[str, str]]:
+        return [(" ".join(rng.choice(filler) for _ in range(8)) + (" alpha" if i % 2 else " omega"),
+                 "a" if i % 2 else "o") for i in range(n)]
+
+    train, test = write_csv(tmp_path / "train.csv", rows(400)), write_csv(tmp_path / "test.csv", rows(100))
+    accuracy = {}
+    for ngrams in ("0", "3"):
+        run = tmp_path / f"run{ngrams}"
+        proc = run_cli("classify", "train", str(train), "--out", str(run), *SMALL, "--max-len", "8", "--ngrams",
+                       ngrams, "--max-epochs", "4", "--lm-weight", "0", "-q")
+        assert proc.returncode == 0, proc.stderr
+        result = run_cli("classify", "eval", str(run), str(test), "--json")
+        accuracy[ngrams] = json.loads(result.stdout)["accuracy"]
+    assert accuracy["0"] < 0.7 and accuracy["3"] >= 0.95, accuracy
+    shares = [json.loads(line).get("val_bag_share") for line in (tmp_path / "run3" / "metrics.jsonl").open()]
+    assert shares[-1] is not None and shares[-1] > 0  # the validation set chose to listen to the bag

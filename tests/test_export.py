@@ -24,14 +24,15 @@ from rnngen.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from rnngen.config import ModelConfig  # noqa: E402
 from rnngen.errors import InputError, RnngenError  # noqa: E402
 from rnngen.export import export_onnx  # noqa: E402
-from rnngen.model import RNNModel  # noqa: E402
+from rnngen.model import ClassifierHead, RNNModel  # noqa: E402
 from rnngen.tokenizers import CharTokenizer  # noqa: E402
 
 SAMPLER = Path(__file__).resolve().parents[1] / "examples" / "onnx_sample.py"
 # Enough training on the a^n b^n pattern for greedy decoding to write varied text, not one character.
 SMALL = dict(hidden=24, emb_dim=16, layers=2, batch_size=16, seq_len=32, lr=1e-2, dropout=0.0, warmup_steps=5,
              max_steps=40, eval_every=40)
-CLASSIFIER = dict(hidden=24, emb_dim=16, layers=1, batch_size=16, max_epochs=2, lm_vote=0.5)  # a vote to fold in
+# A vote to fold in; no bag of n-grams, which export does not write (test_a_bag_classifier_is_refused).
+CLASSIFIER = dict(hidden=24, emb_dim=16, layers=1, batch_size=16, max_epochs=2, lm_vote=0.5, ngrams=0)
 KINDS = [(arch, tok) for arch in ("lstm", "gru", "rnn") for tok in ("char", "bpe")]
 STEPS = 1000
 # Tiny models run fastest on one thread, and two threads on a shared 2-core machine can be 10x slower.
@@ -227,6 +228,13 @@ def test_refuses_what_it_cannot_export(tmp_path: Path) -> None:
         export_onnx(tmp_path / "head", tmp_path / "out")
     assert "\n" not in str(refused.value)
 
+    bag = RNNModel(ModelConfig(vocab_size=tok.vocab_size, hidden=8, emb_dim=4))
+    bag.heads["classifier"] = ClassifierHead(bag.encoder.output_size, ["x", "y"], ngrams=2)
+    save_checkpoint(tmp_path / "bag", bag, tok, {})
+    one_line_refusal(run_cli("export", str(tmp_path / "bag"), "-o", str(tmp_path / "out"), env=ONE_THREAD),
+                     "--ngrams 0")
+    assert not (tmp_path / "out").exists()
+
     # Without onnx installed (an import hook makes `import onnx` fail): the message says what to install.
     shim = tmp_path / "shim"
     shim.mkdir()
@@ -247,7 +255,6 @@ def test_classifier_graph_folds_the_vote_as_classify_does(chars: str, tmp_path: 
     """classifier.onnx's graph against rnngen.classify on random weights, with and without a start token."""
     from rnngen.classify import class_log_scores, encode_texts, start_ids
     from rnngen.export import ClassifierGraph, export_classifier
-    from rnngen.model import ClassifierHead
 
     torch.manual_seed(0)
     tok = CharTokenizer(list(chars))
@@ -256,15 +263,16 @@ def test_classifier_graph_folds_the_vote_as_classify_does(chars: str, tmp_path: 
     model.heads["classifier"] = ClassifierHead(model.encoder.output_size, ["x", "y"])
     model.eval()
     prior = [-0.3, -1.35]
-    seqs, _ = encode_texts(tok, ["abcab", "c", "", "ba cab"], 4)
+    read = encode_texts(tok, ["abcab", "c", "", "ba cab"], 4)
+    seqs = read.seqs
     tokens = torch.zeros(len(seqs), max(map(len, seqs)), dtype=torch.long)
     for i, seq in enumerate(seqs):
         tokens[i, : len(seq)] = torch.from_numpy(seq)
     lengths = torch.tensor([len(s) for s in seqs])
     with torch.no_grad():
         logits, scores = ClassifierGraph(model, 0.75, prior, start_ids(tok)).eval()(tokens, lengths)
-    expected = class_log_scores(model, tok, seqs, torch.device("cpu"), 0.75, prior)
+    expected = class_log_scores(model, tok, read, torch.device("cpu"), 0.75, prior)
     torch.testing.assert_close(scores, expected, atol=1e-5, rtol=0)
     torch.testing.assert_close(torch.log_softmax(logits, -1),
-                               class_log_scores(model, tok, seqs, torch.device("cpu")), atol=1e-5, rtol=0)
+                               class_log_scores(model, tok, read, torch.device("cpu")), atol=1e-5, rtol=0)
     assert export_classifier(model, tok, 0.75, prior, tmp_path / "classifier.onnx") < 1e-4  # onnxruntime agrees
