@@ -141,10 +141,11 @@ class ClassifierHead(nn.Module):
 
     With ``ngrams`` > 0 it also has a linear model of the text's bag of hashed token n-grams, weighted as in
     TF-IDF (log counts times the inverse document frequency, L2-normalised): what a topic task rewards,
-    read over the whole text however long, while the recurrent encoder reads its beginning. The two are
-    trained side by side, each on its own loss (trained on one summed logit, whichever fits the training
-    texts first leaves the other nothing to learn from: measured, the pair then classified worse than the
-    bag alone), and their log-probabilities are mixed with the share ``bag_share`` chosen on validation."""
+    read over the whole text however long, while the recurrent encoder reads its beginning. The bag is a
+    logistic regression fitted on its own (classify.fit_bag) and the recurrent part trains beside it with its
+    own loss (trained on one summed logit, whichever fits the training texts first leaves the other nothing to
+    learn from: measured, the pair then classified worse than the bag alone); their log-probabilities are
+    mixed with the share ``bag_share`` chosen on validation."""
 
     def __init__(self, input_size: int, classes: list[str], dropout: float = 0.2, ngrams: int = 0) -> None:
         super().__init__()
@@ -179,23 +180,21 @@ class ClassifierHead(nn.Module):
     def parts(self, hidden: torch.Tensor, last: torch.Tensor, lengths: torch.Tensor,
               bag: Bag | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The recurrent part's class logits (B, C) from hidden (B, T, D), final states (B, D) and lengths (B,);
-        and the bag's from the texts' bags (None without a bag)."""
+        and the bag's from the texts' bags (None without bags)."""
         mask = (torch.arange(hidden.size(1), device=hidden.device)[None, :]
                 < lengths.to(hidden.device)[:, None]).unsqueeze(-1)  # (B, T, 1): True on real tokens
         hidden = hidden.float()
         mean = (hidden * mask).sum(1) / lengths.to(hidden.device)[:, None].float()
         peak = hidden.masked_fill(~mask, float("-inf")).amax(1)
         logits = self.proj(self.dropout(torch.cat([last.float(), mean, peak], dim=-1)))
-        if not self.ngrams:
-            return logits, None
-        if bag is None:
-            raise ValueError("this classifier reads the texts' bags of n-grams: pass them")
-        return logits, self.bag_logits(bag)
+        return logits, self.bag_logits(bag) if self.ngrams and bag is not None else None
 
     def mix(self, recurrent: torch.Tensor, bag: torch.Tensor | None, share: float | None = None) -> torch.Tensor:
         """The class scores of the two parts: their log-probabilities mixed with ``share`` (default: the chosen
         one) for the bag; the recurrent logits as they are without a bag."""
         if bag is None:
+            if self.ngrams:
+                raise ValueError("this classifier reads the texts' bags of n-grams: pass them")
             return recurrent
         share = float(self.bag_share) if share is None else share
         return (1 - share) * F.log_softmax(recurrent, -1) + share * F.log_softmax(bag, -1)

@@ -135,7 +135,9 @@ class SentencePieceTokenizer:
         self.is_control = [self.sp.is_control(i) for i in range(size)]
 
     @classmethod
-    def fit(cls, chunks: Iterable[str], kind: str, vocab_size: int) -> SentencePieceTokenizer:
+    def fit(cls, chunks: Iterable[str], kind: str, vocab_size: int, shrink: bool = False) -> SentencePieceTokenizer:
+        """Train on ``chunks``; with ``shrink``, a vocabulary larger than the text can fill becomes the largest
+        it can (the chunks are read again: pass a re-iterable)."""
         import sentencepiece as spm
 
         if kind not in ("bpe", "unigram"):
@@ -156,6 +158,8 @@ class SentencePieceTokenizer:
                 raise InputError(f"--vocab-size {vocab_size} is too small for this corpus: it needs at least "
                                  f"{match.group(1)} (256 byte pieces plus every character it uses)") from None
             if match := re.search(r"Vocabulary size too high.*?<= (\d+)", message):
+                if shrink and int(match.group(1)) < vocab_size:
+                    return cls.fit(chunks, kind, int(match.group(1)))
                 raise InputError(f"--vocab-size {vocab_size} is too large for this corpus; use at most "
                                  f"{match.group(1)}") from None
             raise InputError(f"sentencepiece could not train on this corpus: {message}") from None
@@ -249,11 +253,12 @@ def _lines(chunks: Iterable[str], max_chars: int = 1 << 14) -> Iterator[str]:
 
 
 def fit_tokenizer(chunks: Iterable[str], kind: str = "char", vocab_size: int = 2000,
-                  min_char_count: int = 1) -> Tokenizer:
-    """Train the tokenizer ``kind`` (char, bpe or unigram) on the text chunks."""
+                  min_char_count: int = 1, shrink: bool = False) -> Tokenizer:
+    """Train the tokenizer ``kind`` (char, bpe or unigram) on the text chunks (``shrink``: see
+    SentencePieceTokenizer.fit)."""
     if kind == "char":
         return CharTokenizer.fit(chunks, min_count=min_char_count)
-    return SentencePieceTokenizer.fit(chunks, kind, vocab_size)
+    return SentencePieceTokenizer.fit(chunks, kind, vocab_size, shrink)
 
 
 def tokenizer_from_dict(data: dict[str, Any]) -> Tokenizer:

@@ -188,11 +188,12 @@ def test_short_texts_are_read_as_characters_and_long_ones_as_subwords() -> None:
     choose_classifier(articles, ClassifyConfig(max_time=300), {}, choice, new_model=True)
     assert choice.options["tokenizer"] == "bpe" and choice.options["ngrams"] == 2
     assert choice.options["vocab_size"] == choose.SUBWORD_VOCAB  # 1.9M characters fill it
-    assert choice.options["max_epochs"] == choose.TIMED_EPOCHS  # the time decides
+    assert choice.options["max_epochs"] == choice.options["patience"] == choose.TIMED_EPOCHS  # the time decides
     small = LabelledStats.of(["a long enough text about markets and banks, " * 3] * 50)
     choice = Choice()
     choose_classifier(small, ClassifyConfig(), {}, choice, new_model=True)
     assert choice.options["vocab_size"] < choose.SUBWORD_VOCAB  # a small data set cannot fill 8,000 pieces
+    assert choice.options["vocab_size"] >= small.alphabet + choose.KEPT_PIECES  # a piece for each character and byte
 
     choice = Choice()  # what the user gives wins; fine-tuning keeps its base's tokenizer
     choose_classifier(articles, ClassifyConfig(), {"ngrams": 0, "max_epochs": 3}, choice, new_model=False)

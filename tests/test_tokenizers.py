@@ -66,6 +66,11 @@ def test_impossible_vocab_sizes_are_input_errors() -> None:
         fit_tokenizer(corpus, "unigram", vocab_size=5000)
     with pytest.raises(InputError, match="too small.*at least"):
         fit_tokenizer(corpus, "bpe", vocab_size=100)
+    # A vocabulary chosen for the user (classify's --preset auto) shrinks to what the text can fill instead.
+    with pytest.raises(InputError, match="too large.*use at most"):
+        fit_tokenizer(corpus, "bpe", vocab_size=5000)
+    shrunk = fit_tokenizer(corpus, "bpe", vocab_size=5000, shrink=True)
+    assert 256 < shrunk.vocab_size < 5000 and shrunk.decode(shrunk.encode(corpus[0])) == corpus[0]
 
 
 def test_damaged_tokenizer_data() -> None:
