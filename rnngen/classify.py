@@ -500,8 +500,9 @@ def prepare_classifier(data_paths: Sequence[str], out: str | Path, base: str | N
     train_set, val_set = stratified_split(data, config.val_fraction, config.seed)
     classes = data.classes
     device = resolve_device(config.device)
-    choice, stats = Choice(), LabelledStats.of(train_set.texts)
+    choice = Choice()
     if config.preset == "auto":
+        stats = LabelledStats.of(train_set.texts)  # only what the choice reads: plain runs skip the pass
         choose_classifier(stats, config, {**tokenizer_options, **model_options, **run_options}, choice,
                           new_model=not base)
         tokenizer_options = {**pick(choice.options, TokenizerConfig), **tokenizer_options}
