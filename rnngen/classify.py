@@ -13,6 +13,7 @@ validation accuracy), last/ (with the state for an exact --resume) and metrics.j
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -29,7 +30,7 @@ from .data import mixed_seed
 from .errors import InputError
 from .labelled import LabelledData, ReadConfig, read_labelled, stratified_split
 from .loop import RunResult, TrainEvent, TrainLoop, refuse_existing_run, resume_point, run_to_end
-from .model import Bag, ClassifierHead, RNNModel, bag_of_ngrams
+from .model import CHAR_NGRAMS, Bag, ClassifierHead, RNNModel, bag_of_ngrams
 from .runtime import LN2, autocast, resolve_device
 from .tokenizers import Tokenizer, fit_tokenizer
 from .training import load_base
@@ -70,8 +71,16 @@ class ClassifierInputs:
     unknown: int = 0  # characters the tokenizer could not represent
 
 
-def encode_texts(tokenizer: Tokenizer, texts: Sequence[str], max_len: int, ngrams: int = 0) -> ClassifierInputs:
-    """The classifier's inputs for ``texts``: the first ``max_len`` tokens, and bags of 1- to ``ngrams``-grams."""
+def char_ngrams_for(tokenizer: Tokenizer, ngrams: int) -> int:
+    """The character n-grams a new head's bag holds beside its token n-grams: CHAR_NGRAMS for subword models
+    (their tokens are words and pieces of words), none for character models (their tokens are characters)."""
+    return CHAR_NGRAMS if ngrams and tokenizer.kind != "char" else 0
+
+
+def encode_texts(tokenizer: Tokenizer, texts: Sequence[str], max_len: int, ngrams: int = 0,
+                 char_ngrams: int = 0) -> ClassifierInputs:
+    """The classifier's inputs for ``texts``: the first ``max_len`` tokens, and bags of 1- to ``ngrams``-grams
+    of tokens (and of 1- to ``char_ngrams``-grams of characters)."""
     head = np.asarray(start_ids(tokenizer), dtype=np.int64)
     seqs, bags, unknown = [], [], 0
     for text in texts:
@@ -81,14 +90,15 @@ def encode_texts(tokenizer: Tokenizer, texts: Sequence[str], max_len: int, ngram
         if ngrams:  # of the lower-cased text, as TF-IDF baselines read it: "Stocks" in a title is "stocks"
             lower = text.lower()
             bags.append(bag_of_ngrams(whole if lower == text else np.asarray(tokenizer.encode(lower), np.int64),
-                                      ngrams))
+                                      ngrams, lower, char_ngrams))
         unknown += tokenizer.count_unknown(text)
     return ClassifierInputs(seqs, bags if ngrams else None, unknown)
 
 
-def encode_data(data: LabelledData, tokenizer: Tokenizer, model_config: ModelConfig, classes: list[str],
-                max_len: int, ngrams: int = 0) -> Encoded:
-    read = encode_texts(tokenizer, data.texts, max_len, ngrams)
+def encode_data(data: LabelledData, tokenizer: Tokenizer, model_config: ModelConfig, max_len: int,
+                head: ClassifierHead) -> Encoded:
+    """What the trainer reads of ``data``: the classifier's inputs for ``head``, the LM texts, the targets."""
+    read = encode_texts(tokenizer, data.texts, max_len, head.ngrams, head.char_ngrams)
     inputs = read.seqs
     end = start_ids(tokenizer)
     skip = len(end)  # the classifier input starts with the newline; the LM input starts with the label
@@ -96,7 +106,7 @@ def encode_data(data: LabelledData, tokenizer: Tokenizer, model_config: ModelCon
     if model_config.label_tokens:
         for seq, label in zip(inputs, data.labels):
             lm_inputs.append(np.concatenate([[model_config.label_id(label)], seq[skip:], end]))
-    index = {c: i for i, c in enumerate(classes)}
+    index = {c: i for i, c in enumerate(head.classes)}
     return Encoded(inputs, lm_inputs, np.array([index[label] for label in data.labels]), read.unknown, read.bags)
 
 
@@ -262,6 +272,13 @@ def _lm_targets(tokens: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tens
 SHARE_GRID = tuple(i / 8 for i in range(9))  # the bag of n-grams' shares of the head tried on validation
 
 
+def best_bag_share(head: ClassifierHead, recurrent: torch.Tensor, bag: torch.Tensor, targets: torch.Tensor) -> float:
+    """The bag's share of the head's scores (SHARE_GRID: from 0, the recurrent part alone, to 1, the bag alone)
+    with the lowest loss on these texts. The loss, not the accuracy: on a small validation set a share's
+    accuracy moves with a text or two, and most shares tie; the loss also weighs how sure each part was."""
+    return min(SHARE_GRID, key=lambda share: float(F.cross_entropy(head.mix(recurrent, bag, share), targets)))
+
+
 # -- the model's parameter groups -------------------------------------------------------------------------
 
 def layer_groups(model: RNNModel) -> list[list[torch.nn.Parameter]]:
@@ -294,12 +311,12 @@ BAG_ITERATIONS = 100  # L-BFGS iterations per fit: converged on every data set m
 def fit_bag(head: ClassifierHead, train: Encoded, val: Encoded) -> float:
     """Fit the bag of n-grams as a logistic regression on the whole training set (L-BFGS to convergence, as
     the linear baselines are fitted; minibatch Adam over the same epochs measured 0.02-0.04 lower), for each
-    strength in BAG_C_GRID; keep the one that classifies the most validation texts right (at equal counts the
-    lowest validation loss). The bag is then fixed: the recurrent part trains beside it. Returns C."""
+    strength in BAG_C_GRID; keep the one with the lowest validation loss (as the bag's share: best_bag_share).
+    The bag is then fixed: the recurrent part trains beside it. Returns C."""
     x_train, x_val = pad_bags(train.bags or []), pad_bags(val.bags or [])
     y_train, y_val = torch.from_numpy(train.targets), torch.from_numpy(val.targets)
     weight = head.bag.weight
-    best: tuple[tuple[int, float], float, torch.Tensor] | None = None
+    best: tuple[float, float, torch.Tensor] | None = None
     for c in BAG_C_GRID:
         with torch.no_grad():
             weight.zero_()
@@ -316,10 +333,9 @@ def fit_bag(head: ClassifierHead, train: Encoded, val: Encoded) -> float:
 
         optimizer.step(objective)
         with torch.no_grad():
-            logits = head.bag_logits(x_val)
-            merit = (int((logits.argmax(1) == y_val).sum()), -float(F.cross_entropy(logits, y_val)))
-        if best is None or merit > best[0]:
-            best = (merit, c, weight.detach().clone())
+            val_loss = float(F.cross_entropy(head.bag_logits(x_val), y_val))
+        if best is None or val_loss < best[0]:
+            best = (val_loss, c, weight.detach().clone())
     assert best is not None
     with torch.no_grad():
         weight.copy_(best[2])
@@ -452,13 +468,9 @@ class ClassifierTrainer(TrainLoop):
         return val
 
     def _choose_bag_share(self, recurrent: torch.Tensor, bag: torch.Tensor) -> float:
-        """The bag's share of the head's scores that classifies the most validation texts right (at equal
-        counts, the lowest loss), set in the model: from 0 (the recurrent part alone) to 1 (the bag alone)."""
-        head, targets = self.model.classifier, torch.from_numpy(self.val.targets)  # type: ignore[union-attr]
-        def merit(share: float) -> tuple[int, float]:
-            scores = torch.log_softmax(head.mix(recurrent, bag, share), -1)  # type: ignore[union-attr]
-            return int((scores.argmax(1) == targets).sum()), -float(F.nll_loss(scores, targets))
-        share = max(SHARE_GRID, key=merit)
+        """The bag's share (best_bag_share on the validation texts), set in the model."""
+        head = self.model.classifier
+        share = best_bag_share(head, recurrent, bag, torch.from_numpy(self.val.targets))  # type: ignore[arg-type]
         head.bag_share.fill_(share)  # type: ignore[union-attr]
         return share
 
@@ -514,8 +526,9 @@ def prepare_classifier(data_paths: Sequence[str], out: str | Path, base: str | N
                              "drop it, or train from scratch without --from")
         model, tokenizer, _ = load_base(base, model_options, tokenizer_options)
         model = model.adapted(replace(model.config, **model_options))  # only dropout rates may differ
-        if model.classifier is not None and (model.classifier.classes, model.classifier.ngrams) != (
-                classes, config.ngrams):
+        head = model.classifier
+        if head is not None and (head.classes, head.ngrams, head.char_ngrams) != (
+                classes, config.ngrams, char_ngrams_for(tokenizer, config.ngrams)):
             del model.heads["classifier"]  # a new task, or another kind of head: a new head
     else:
         tok = TokenizerConfig(**tokenizer_options)
@@ -527,13 +540,17 @@ def prepare_classifier(data_paths: Sequence[str], out: str | Path, base: str | N
         model = model.with_label_tokens(classes)
     if model.classifier is None:
         model.heads["classifier"] = ClassifierHead(model.encoder.output_size, classes, config.head_dropout,
-                                                   config.ngrams)
-    train_enc = encode_data(train_set, tokenizer, model.config, classes, config.max_len, config.ngrams)
-    val_enc = encode_data(val_set, tokenizer, model.config, classes, config.max_len, config.ngrams)
-    bag_c = None
+                                                   config.ngrams, char_ngrams_for(tokenizer, config.ngrams))
+    head = model.classifier
+    assert head is not None
+    train_enc = encode_data(train_set, tokenizer, model.config, config.max_len, head)
+    val_enc = encode_data(val_set, tokenizer, model.config, config.max_len, head)
+    bag_c, fitting = None, 0.0
     if train_enc.bags is not None:
-        model.classifier.set_idf([ids for ids, _ in train_enc.bags])  # type: ignore[union-attr]
-        bag_c = fit_bag(model.classifier, train_enc, val_enc)  # type: ignore[arg-type]
+        started = time.perf_counter()
+        head.set_idf([ids for ids, _ in train_enc.bags])
+        bag_c = fit_bag(head, train_enc, val_enc)
+        fitting = time.perf_counter() - started
     if config.preset == "auto":
         choice.line = describe_classifier({**to_dict(model.config), "tokenizer": tokenizer.kind}, stats, config)
     meta = {"training": {"task": "classify", "data": ", ".join(str(p) for p in data_paths),
@@ -545,8 +562,10 @@ def prepare_classifier(data_paths: Sequence[str], out: str | Path, base: str | N
                          **({"chosen": choice.to_dict()} if choice.line else {})},
             "resume": {"data": {"paths": [str(Path(p).resolve()) for p in data_paths], "read": read_options,
                                 "examples": len(data)}}}
-    return ClassifierTrainer(model, tokenizer, train_enc, val_enc, config, run_dir, meta, device,
-                             fine_tune=bool(base), callback=callback, stop=stop)
+    trainer = ClassifierTrainer(model, tokenizer, train_enc, val_enc, config, run_dir, meta, device,
+                                fine_tune=bool(base), callback=callback, stop=stop)
+    trainer.pos.elapsed = fitting  # fitting the bag is training: --max-time counts it (a minute on long texts)
+    return trainer
 
 
 def train_classifier_from_options(data_paths: Sequence[str], out: str | Path, base: str | None = None,
@@ -573,10 +592,10 @@ def _prepare_resume(run_dir: Path, data_paths: Sequence[str], overrides: dict[st
     device = resolve_device(config.device)
     model, tokenizer, ckpt, _ = load_checkpoint(last, device)
     train_set, val_set = stratified_split(data, config.val_fraction, config.seed)
-    classes = model.classifier.classes  # type: ignore[union-attr]
-    ngrams = model.classifier.ngrams  # type: ignore[union-attr]
-    train_enc = encode_data(train_set, tokenizer, model.config, classes, config.max_len, ngrams)
-    val_enc = encode_data(val_set, tokenizer, model.config, classes, config.max_len, ngrams)
+    head = model.classifier
+    assert head is not None
+    train_enc = encode_data(train_set, tokenizer, model.config, config.max_len, head)
+    val_enc = encode_data(val_set, tokenizer, model.config, config.max_len, head)
     meta = {"training": {k: v for k, v in ckpt.get("training", {}).items()
                          if k not in ("step", "seconds", "best_step", "best_val", "last_val")},
             "resume": {"data": saved}}
@@ -600,7 +619,8 @@ def checkpoint_scores(model: RNNModel, tokenizer: Tokenizer, checkpoint_config: 
     if model.classifier is None:
         raise InputError("this checkpoint has no classification head; train one with "
                          "`rnngen classify train DATA --from CHECKPOINT`")
-    read = encode_texts(tokenizer, texts, max_len_of(checkpoint_config), model.classifier.ngrams)
+    read = encode_texts(tokenizer, texts, max_len_of(checkpoint_config), model.classifier.ngrams,
+                        model.classifier.char_ngrams)
     saved = checkpoint_config.get("classify", {})
     if "log_prior" not in saved or not can_vote(model):
         vote = 0.0

@@ -671,10 +671,12 @@ def classify_train(data: tuple[str, ...], base: str | None, out: str | None, res
     if not data and not resume:
         raise click.UsageError("give the labelled data: a CSV/TSV/JSONL file or a folder")
     out = out or _default_out(data, suffix="-cls")
-    trainer = prepare_classifier(list(data), out, base=base, resume=resume, **options,
-                                 **_read_options(text_column, label_column, no_header, fmt, encoding, skip_bad_rows))
-    t = trainer.meta["training"]
     quiet = quiet or as_json
+    with console.working("reading the data, fitting the tokenizer and the bag of n-grams", shown=not quiet):
+        trainer = prepare_classifier(list(data), out, base=base, resume=resume, **options,
+                                     **_read_options(text_column, label_column, no_header, fmt, encoding,
+                                                     skip_bad_rows))
+    t = trainer.meta["training"]
     if not quiet:
         if t.get("skipped"):
             console.warn(f"{sum(t['skipped'].values())} bad row(s) skipped: "

@@ -145,6 +145,17 @@ def reading(what: str, shown: bool) -> Iterator[Callable[[int, int], None] | Non
         yield lambda done, total: bar.update(task, completed=done, total=total)
 
 
+@contextmanager
+def working(what: str, shown: bool) -> Iterator[None]:
+    """A transient spinner saying ``what`` on the terminal while a step with no measure of its progress runs;
+    nothing when not ``shown`` or when stderr is not a terminal."""
+    if not (shown and stderr.is_terminal):
+        yield
+        return
+    with stderr.status(what):
+        yield
+
+
 def stream(text: str) -> None:
     """Write generated text to stdout as it comes."""
     sys.stdout.write(text)

@@ -2,7 +2,8 @@
 
     DIR/
       model.onnx        the step model: tokens (B, T) and the state in, logits (B, T, V) and the state out
-      classifier.onnx   classifier checkpoints only: tokens (B, T) and lengths (B,) in, class logits out
+      classifier.onnx   classifier checkpoints only: tokens (B, T) and lengths (B,) in (and each text's bag of
+                        n-grams, where the head reads one), class logits out
       config.json       the model's shape, the state's names, label tokens, how to start, how to classify
       tokenizer.json    how to encode and decode (a char table, or sentencepiece's pieces)
       tokenizer.model   subword checkpoints only: the sentencepiece model
@@ -31,7 +32,7 @@ from torch import nn
 from .checkpoint import load_checkpoint, write_dir_atomically
 from .classify import can_vote, max_len_of, start_ids
 from .errors import CheckpointError, InputError, RnngenError
-from .model import RNNModel
+from .model import BAG_BUCKETS, BAG_CHAR_SEED, BAG_MULTIPLIER, BAG_SEED, BAG_SHIFT, ClassifierHead, RNNModel
 from .tokenizers import REPLACEMENT, CharTokenizer, SentencePieceTokenizer, Tokenizer
 from .version import __version__
 
@@ -97,14 +98,24 @@ class ClassifierGraph(nn.Module):
         labels = [model.config.label_id(c) for c in model.classifier.classes] if vote > 0 else []  # type: ignore
         self.register_buffer("label_ids", torch.tensor(labels, dtype=torch.long))
 
-    def forward(self, tokens: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        encoder = self.model.encoder
+    def forward(self, tokens: torch.Tensor, lengths: torch.Tensor, bag_ids: torch.Tensor | None = None,
+                bag_counts: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        encoder, head = self.model.encoder, self.model.classifier
+        assert head is not None
         hidden, _ = encoder.rnn(encoder.embedding(tokens))  # (B, T, H); unidirectional: padding comes after
         # Each text's last state, by gather (Encoder.forward_padded indexes with arange(len(lengths)), which
         # the tracer would freeze to the example's batch size).
         index = (lengths - 1).view(-1, 1, 1).expand(-1, 1, hidden.size(2))
         last = hidden.gather(1, index).squeeze(1)
-        logits = self.model.classifier(hidden, last, lengths)  # type: ignore[misc]
+        recurrent, _ = head.parts(hidden, last, lengths)
+        bag = None
+        if bag_ids is not None and bag_counts is not None:
+            # ClassifierHead.bag_logits on right-padded bags (B, K): EmbeddingBag's offsets do not trace to a
+            # dynamic batch, a gather and a sum do. Padding counts are 0, so their weights are 0.
+            weights = torch.log1p(bag_counts) * head.idf[bag_ids]
+            weights = weights / weights.pow(2).sum(1, keepdim=True).sqrt().clamp_min(1e-6)
+            bag = (weights.unsqueeze(-1) * head.bag.weight[bag_ids]).sum(1)
+        logits = head.mix(recurrent, bag)
         scores = torch.log_softmax(logits, dim=-1)
         if self.vote > 0:
             scores = scores + self.vote * (self._label_log_likelihoods(tokens, lengths) + self.log_prior)
@@ -186,20 +197,30 @@ def export_classifier(model: RNNModel, tokenizer: Tokenizer, vote: float, log_pr
     graph = ClassifierGraph(model, vote, log_prior, start).eval()
     gen = torch.Generator().manual_seed(0)
 
-    def example(lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    bagged = bool(model.classifier and model.classifier.ngrams)
+    inputs = ["tokens", "lengths", *(["bag_ids", "bag_counts"] if bagged else [])]
+
+    def example(lengths: list[int]) -> tuple[torch.Tensor, ...]:
         tokens = torch.randint(1, model.config.text_vocab_size, (len(lengths), max(lengths)), generator=gen)
         tokens[:, :len(start)] = torch.tensor(start, dtype=torch.long)
         for i, n in enumerate(lengths):
             tokens[i, n:] = 0
-        return tokens, torch.tensor(lengths, dtype=torch.long)
+        if not bagged:
+            return tokens, torch.tensor(lengths, dtype=torch.long)
+        grams = 3 * max(lengths)  # bags of several sizes, right-padded with count 0 (the last text's empty)
+        ids = torch.randint(0, BAG_BUCKETS, (len(lengths), grams), generator=gen)
+        counts = torch.randint(1, 4, (len(lengths), grams), generator=gen).float()
+        for i, n in enumerate(lengths):
+            counts[i, 3 * n if i < len(lengths) - 1 else 0:] = 0
+        return tokens, torch.tensor(lengths, dtype=torch.long), ids, counts
 
-    axes = {"tokens": {0: "batch", 1: "time"}, "lengths": {0: "batch"}, "logits": {0: "batch"},
-            "scores": {0: "batch"}}
-    _export(graph, example([5, 3]), path, ["tokens", "lengths"], ["logits", "scores"], axes)
-    tokens, lengths = example([4, 9, 2])
+    axes = {"tokens": {0: "batch", 1: "time"}, "lengths": {0: "batch"}, "logits": {0: "batch"}, "scores": {0: "batch"},
+            **({"bag_ids": {0: "batch", 1: "grams"}, "bag_counts": {0: "batch", 1: "grams"}} if bagged else {})}
+    _export(graph, example([5, 3]), path, inputs, ["logits", "scores"], axes)
+    feeds = example([4, 9, 2])
     with torch.no_grad():
-        expected = graph(tokens, lengths)
-    return _max_difference(path, {"tokens": tokens.numpy(), "lengths": lengths.numpy()}, expected)
+        expected = graph(*feeds)
+    return _max_difference(path, {name: t.numpy() for name, t in zip(inputs, feeds)}, expected)
 
 
 def tokenizer_json(tokenizer: Tokenizer) -> dict[str, Any]:
@@ -229,6 +250,19 @@ def tokenizer_json(tokenizer: Tokenizer) -> dict[str, Any]:
     raise CheckpointError(f"rnngen export does not know the tokenizer {tokenizer.kind!r}; upgrade rnngen")
 
 
+def bag_json(head: ClassifierHead) -> dict[str, Any]:
+    """config.json's `classifier.bag`: how to compute a text's bag of n-grams (model.bag_of_ngrams)."""
+    return {"ngrams": head.ngrams, "char_ngrams": head.char_ngrams, "buckets": BAG_BUCKETS, "seed": BAG_SEED,
+            "char_seed": BAG_CHAR_SEED, "multiplier": BAG_MULTIPLIER, "shift": BAG_SHIFT,
+            "how": "lower-case the whole text (Unicode lower case) and encode it with the tokenizer; for each n "
+                   "from 1 to ngrams and each run of n ids t1..tn: h = n * seed, then h = h * multiplier + t for "
+                   "each t, in 64-bit two's-complement arithmetic (wrapping around); likewise for each n from 1 to "
+                   "char_ngrams and each run of n characters of the lower-cased text (Unicode code points), from "
+                   "h = n * char_seed; then for every n-gram h = h XOR (h >> shift), an arithmetic shift, and its "
+                   "bucket is h mod buckets (0 to buckets - 1). bag_ids are a text's distinct buckets, bag_counts "
+                   "how many of its n-grams fell in each"}
+
+
 def no_prompt_ids(tokenizer: Tokenizer) -> list[int]:
     """Where generation without a prompt starts: the encoding of a newline (as Sampler._prompt_ids)."""
     newline = [int(i) for i in tokenizer.encode("\n")]
@@ -245,9 +279,6 @@ def _check_exportable(model: RNNModel, tokenizer: Tokenizer, fmt: str) -> None:
     if unknown:
         raise InputError(f"rnngen export does not know the head {unknown[0]!r} of this checkpoint; it exports "
                          "language models and classifiers")
-    if model.classifier is not None and model.classifier.ngrams:
-        raise InputError("this classifier also reads each text's bag of n-grams, which rnngen export does not "
-                         "write yet; export a classifier trained with --ngrams 0")
     if not isinstance(tokenizer, (CharTokenizer, SentencePieceTokenizer)):
         raise InputError(f"rnngen export does not know the tokenizer {tokenizer.kind!r}")
 
@@ -293,7 +324,8 @@ def export_onnx(checkpoint: str | Path, out: str | Path, fmt: str = "onnx", forc
             "file": "classifier.onnx", "classes": list(model.classifier.classes), "max_len": max_len_of(ckpt),
             "start_ids": start_ids(tokenizer), "lm_vote": vote,
             "log_prior": saved.get("log_prior") if voting else None,
-            "class_label_ids": [c.label_id(k) for k in model.classifier.classes] if voting else None}
+            "class_label_ids": [c.label_id(k) for k in model.classifier.classes] if voting else None,
+            "bag": bag_json(model.classifier) if model.classifier.ngrams else None}
     result = ExportResult(out, [], lm_vote=vote)
 
     def write(tmp: Path) -> None:
@@ -356,16 +388,25 @@ def folder_readme(config: dict[str, Any]) -> str:
             "| | name | type and shape |", "|---|---|---|",
             "| input | `tokens` | int64 [batch, time]: each text's ids, right-padded with 0 |",
             "| input | `lengths` | int64 [batch]: each text's length in ids (padding excluded) |",
+            *(["| input | `bag_ids` | int64 [batch, grams]: each text's bag of n-grams, right-padded with 0 |",
+               "| input | `bag_counts` | float32 [batch, grams]: how often each of `bag_ids` occurs; 0 for padding |"]
+              if k.get("bag") else []),
             f"| output | `logits` | float32 [batch, {len(k['classes'])}]: the classification head's logits |",
             f"| output | `scores` | float32 [batch, {len(k['classes'])}]: log-scores with the language model's vote |",
             "",
             f"A text's ids are `classifier.start_ids` ({k['start_ids']}) then the first {k['max_len']} ids of the "
             "text (`classifier.max_len`); an empty text is the start ids then the unknown id. Classes, in the "
             "order of the outputs, are `classifier.classes` in config.json.", "",
+            *([f"The head also reads each whole text's bag of 1- to {k['bag']['ngrams']}-grams of ids"
+               + (f" and 1- to {k['bag']['char_ngrams']}-grams of characters" if k['bag']['char_ngrams'] else "")
+               + f" (hashed into {k['bag']['buckets']:,} buckets), as `classifier.bag` in config.json says: "
+               f"{k['bag']['how']}.", ""]
+              if k.get("bag") else []),
             "softmax(`logits`) gives the probabilities of `rnngen classify predict --lm-vote 0`; softmax(`scores`) "
             f"those of `rnngen classify predict` with the checkpoint's vote (weight {k['lm_vote']:g}): "
             "log_softmax(logits) + weight * (log p(text | label) + log_prior), where log p(text | label) is "
             "model.onnx's log-likelihood of the text's ids read after the label's token (`class_label_ids`) "
             "instead of the start ids, ending with the start ids. With weight 0 the two agree.", "",
+            "`examples/onnx_classify.py` in rnngen's repository does all this with onnxruntime and numpy alone.", "",
         ]
     return "\n".join(lines)

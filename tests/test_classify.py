@@ -180,6 +180,13 @@ def test_fine_tuning_may_change_dropout_but_not_the_network(tiny_run: Path, orde
         prepare_classifier([str(order_csv)], tmp_path / "b", base=str(tiny_run), **{"hidden": 2 * hidden})
 
 
+def test_fitting_the_bag_counts_against_the_time_budget(order_csv: Path, tmp_path: Path) -> None:
+    """The bag's fit is training: the run's clock starts with it (a minute on long texts), none without one."""
+    options = {"hidden": 16, "emb_dim": 8, "layers": 1, "device": "cpu", "max_time": 60.0}
+    assert prepare_classifier([str(order_csv)], tmp_path / "bag", **options).pos.elapsed > 0
+    assert prepare_classifier([str(order_csv)], tmp_path / "none", **options, ngrams=0).pos.elapsed == 0
+
+
 def test_a_checkpoint_with_both_heads_round_trips(order_csv: Path, tmp_path: Path) -> None:
     trainer = prepare_classifier([str(order_csv)], tmp_path / "run", **{"hidden": 16, "emb_dim": 8,
                                  "layers": 1}, max_steps=20, device="cpu", lm_vote=0)
@@ -468,6 +475,36 @@ def test_bag_of_ngrams_counts_each_ngram_once_per_bucket() -> None:
     again, _ = bag_of_ngrams(np.array([2, 1]), 2)
     assert set(again.tolist()) < set(buckets.tolist())  # the same n-grams, the same buckets
     assert len(bag_of_ngrams(np.array([], dtype=np.int64), 3)[0]) == 0
+
+
+def test_a_bag_of_characters_beside_the_tokens_hashes_apart() -> None:
+    """A subword model's bag also holds the text's character n-grams: token ids equal to the characters' code
+    points still land in other buckets, and the counts add up."""
+    text = "abab"
+    points = np.array([ord(c) for c in text])
+    tokens, _ = bag_of_ngrams(points, 2)
+    both, counts = bag_of_ngrams(points, 2, text, 3)
+    assert counts.sum() == (4 + 3) + (4 + 3 + 2)  # token 1-2-grams; character 1-3-grams
+    # Four token buckets (a, b, ab, ba), and six of characters apart from them (the same four, aba, bab).
+    assert len(tokens) == 4 and set(tokens.tolist()) < set(both.tolist()) and len(both) == 4 + 6
+
+
+def test_the_bag_share_is_the_one_with_the_lowest_validation_loss() -> None:
+    """Each part is sure and right on one half of the texts, unsure and wrong on the other: every share from
+    1/8 to 7/8 classifies all four right (accuracy cannot choose), the loss picks the even mix. A part that
+    knows nothing gets no share."""
+    from rnngen.classify import best_bag_share
+    from rnngen.model import ClassifierHead
+
+    head = ClassifierHead(4, ["a", "b"], ngrams=1)
+    targets = torch.tensor([0, 0, 1, 1])
+    recurrent = torch.tensor([[6.0, 0.0], [6.0, 0.0], [0.5, 0.0], [0.5, 0.0]])  # sure and right; barely wrong
+    bag = torch.tensor([[0.0, 0.5], [0.0, 0.5], [0.0, 6.0], [0.0, 6.0]])  # barely wrong; sure and right
+    mixed = [(head.mix(recurrent, bag, i / 8).argmax(1) == targets).all() for i in range(1, 8)]
+    assert all(mixed)
+    assert best_bag_share(head, recurrent, bag, targets) == 0.5
+    right = torch.tensor([[0.5, 0.0], [0.5, 0.0], [0.0, 6.0], [0.0, 6.0]])
+    assert best_bag_share(head, torch.zeros(4, 2), right, targets) == 1.0
 
 
 def test_the_bag_reads_what_the_recurrent_part_does_not(tmp_path: Path) -> None:

@@ -28,11 +28,14 @@ from rnngen.model import ClassifierHead, RNNModel  # noqa: E402
 from rnngen.tokenizers import CharTokenizer  # noqa: E402
 
 SAMPLER = Path(__file__).resolve().parents[1] / "examples" / "onnx_sample.py"
+CLASSIFY = SAMPLER.with_name("onnx_classify.py")
 # Enough training on the a^n b^n pattern for greedy decoding to write varied text, not one character.
 SMALL = dict(hidden=24, emb_dim=16, layers=2, batch_size=16, seq_len=32, lr=1e-2, dropout=0.0, warmup_steps=5,
              max_steps=40, eval_every=40)
-# A vote to fold in; no bag of n-grams, which export does not write (test_a_bag_classifier_is_refused).
+# A vote to fold in; the recurrent part alone, and with a bag of n-grams (characters and subwords).
 CLASSIFIER = dict(hidden=24, emb_dim=16, layers=1, batch_size=16, max_epochs=2, lm_vote=0.5, ngrams=0)
+CLASSIFIERS = {"classifier": CLASSIFIER, "bag-char": {**CLASSIFIER, "ngrams": 3},
+               "bag-bpe": {**CLASSIFIER, "ngrams": 2, "tokenizer": "bpe", "vocab_size": 300}}
 KINDS = [(arch, tok) for arch in ("lstm", "gru", "rnn") for tok in ("char", "bpe")]
 STEPS = 1000
 # Tiny models run fastest on one thread, and two threads on a shared 2-core machine can be 10x slower.
@@ -46,7 +49,8 @@ train, train_classifier = rnngen.train, rnngen.train_classifier
 jobs = json.loads(sys.argv[1])
 for out, options in jobs["lm"]:
     train([jobs["corpus"]], out=out, **options)
-train_classifier([jobs["labelled"]], out=jobs["classifier"], **jobs["classifier_options"])
+for out, options in jobs["classifiers"]:
+    train_classifier([jobs["labelled"]], out=out, **options)
 """
 
 
@@ -59,8 +63,8 @@ def example_sampler() -> ModuleType:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A root with corpus.txt, a small trained run per cell and tokenizer (ARCH-TOK/run) and a classifier run
-    with label tokens (classifier/run) trained on three classes of letter strings."""
+    """A root with corpus.txt, a small trained run per cell and tokenizer (ARCH-TOK/run) and classifier runs
+    with label tokens (NAME/run for each of CLASSIFIERS) trained on three classes of letter strings."""
     root = tmp_path_factory.mktemp("export")
     (root / "corpus.txt").write_text(pattern_text(100), encoding="utf-8")
     labelled = root / "labelled"
@@ -69,8 +73,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for name, letters in {"low": "abcdefg", "mid": "hijklmn", "high": "opqrstu"}.items():
         words = ["".join(rng.choice(list(letters), size=rng.integers(3, 9))) for _ in range(60)]
         (labelled / f"{name}.txt").write_text("\n".join(words) + "\n", encoding="utf-8")
-    jobs = {"corpus": str(root / "corpus.txt"), "labelled": str(labelled), "classifier_options": CLASSIFIER,
-            "classifier": str(root / "classifier" / "run"),
+    jobs = {"corpus": str(root / "corpus.txt"), "labelled": str(labelled),
+            "classifiers": [(str(root / name / "run"), options) for name, options in CLASSIFIERS.items()],
             "lm": [(str(root / f"{arch}-{tok}" / "run"),
                     {**SMALL, "arch": arch, "tokenizer": tok, **({"vocab_size": 270} if tok == "bpe" else {})})
                    for arch, tok in KINDS]}
@@ -166,6 +170,38 @@ def test_sampler_filters_as_rnngen_does() -> None:
     assert set(draws) == set(np.argsort(-logits)[:3].tolist())
 
 
+def example_classifier() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("onnx_classify", CLASSIFY)
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
+
+
+TEXTS = ["abcab", "hijkl", "rstuo", "agh", "x", "opqabc" * 3, "", "ABC hij"]
+
+
+def assert_matches_classify_predict(run: Path, folder: Path) -> np.ndarray:
+    """The example script's probabilities (head alone, and with the vote) are `rnngen classify predict`'s;
+    returns the head's."""
+    classifier = example_classifier().OnnxClassifier(folder)
+    classes = classifier.spec["classes"]
+    head = classifier.probabilities(TEXTS, vote=False)
+    for vote, probs in ((["--lm-vote", "0"], head), ([], classifier.probabilities(TEXTS))):
+        proc = run_cli("classify", "predict", str(run), *TEXTS, "--json", "--top", "3", *vote, env=ONE_THREAD)
+        assert proc.returncode == 0, proc.stderr
+        for row, p in zip(map(json.loads, proc.stdout.splitlines()), probs):
+            assert row["label"] == classes[int(p.argmax())]
+            for entry in row["top"]:
+                assert abs(entry["probability"] - p[classes.index(entry["label"])]) < 1e-4
+    assert np.abs(head - classifier.probabilities(TEXTS)).max() > 1e-3  # the vote changed something
+    return head
+
+
 def test_classifier_matches_classify_predict(runs: Path, tmp_path: Path) -> None:
     classifier_run = runs / "classifier" / "run"
     result = export_onnx(classifier_run, tmp_path / "onnx")
@@ -175,35 +211,44 @@ def test_classifier_matches_classify_predict(runs: Path, tmp_path: Path) -> None
     cls = config["classifier"]
     assert config["label_tokens"] == cls["classes"] == ["high", "low", "mid"]
     assert config["sampling"]["never_sample_from_id"] == config["model"]["vocab_size"] - 3
-
-    texts = ["abcab", "hijkl", "rstuo", "agh", "x", "opqabc" * 3]
-    codec = example_sampler().OnnxLM(tmp_path / "onnx").codec
-    seqs = [cls["start_ids"] + (codec.encode(t)[: cls["max_len"]] or [0]) for t in texts]
-    tokens = np.zeros((len(seqs), max(map(len, seqs))), np.int64)
-    for i, seq in enumerate(seqs):
-        tokens[i, : len(seq)] = seq
-    session = ort.InferenceSession(str(tmp_path / "onnx" / "classifier.onnx"), providers=["CPUExecutionProvider"])
-    logits, scores = session.run(["logits", "scores"], {"tokens": tokens,
-                                                        "lengths": np.array([len(s) for s in seqs], np.int64)})
-
-    def softmax(x: np.ndarray) -> np.ndarray:
-        e = np.exp(x - x.max(1, keepdims=True))
-        return e / e.sum(1, keepdims=True)
-
-    for vote, probs in ((["--lm-vote", "0"], softmax(logits)), ([], softmax(scores))):
-        proc = run_cli("classify", "predict", str(classifier_run), *texts, "--json", "--top", "3", *vote,
-                       env=ONE_THREAD)
-        assert proc.returncode == 0, proc.stderr
-        for row, p in zip(map(json.loads, proc.stdout.splitlines()), probs):
-            assert row["label"] == cls["classes"][int(p.argmax())]
-            for entry in row["top"]:
-                assert abs(entry["probability"] - p[cls["classes"].index(entry["label"])]) < 1e-4
-    assert np.abs(softmax(logits) - softmax(scores)).max() > 1e-3  # the vote changed something
+    assert cls["bag"] is None
+    assert_matches_classify_predict(classifier_run, tmp_path / "onnx")
 
     # Its language model never generates a label token.
     sampler = example_sampler()
     text = "".join(sampler.generate(sampler.OnnxLM(tmp_path / "onnx"), "", length=200, greedy=True))
     assert text == rnngen.load(str(classifier_run)).sample("", length=200, greedy=True)
+
+
+@pytest.mark.parametrize("name", ["bag-char", "bag-bpe"])
+def test_bag_classifier_matches_classify_predict(name: str, runs: Path, tmp_path: Path) -> None:
+    """A classifier with a bag of n-grams: the example computes the bags from config.json's description alone,
+    and its classes are the command's; the bag counts (emptied, the answers change)."""
+    run, folder = runs / name / "run", tmp_path / "onnx"
+    proc = run_cli("export", str(run), "-o", str(folder), "--json", env=ONE_THREAD)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["max_difference"]["classifier.onnx"] < 1e-4
+    bag = json.loads((folder / "config.json").read_text(encoding="utf-8"))["classifier"]["bag"]
+    assert bag["ngrams"] == CLASSIFIERS[name]["ngrams"] and "bag_counts" in (folder / "README.md").read_text()
+    assert bag["char_ngrams"] == (4 if name == "bag-bpe" else 0)  # subword bags also hold character n-grams
+    head = assert_matches_classify_predict(run, folder)
+
+    classifier = example_classifier().OnnxClassifier(folder)
+    feeds = classifier.feeds(TEXTS)
+    assert feeds["bag_ids"].shape[0] == len(TEXTS) and feeds["bag_counts"][TEXTS.index("")].sum() == 0
+    feeds["bag_counts"][:] = 0
+    without = classifier.session.run(["logits"], feeds)[0]
+    assert np.abs(softmax(without) - head).max() > 1e-3
+
+    # Run as a user runs it: onnxruntime and numpy only, the command's labels.
+    script = (f"import runpy, sys; sys.argv = {[str(CLASSIFY), str(folder), *TEXTS[:4]]!r}; "
+              f"runpy.run_path({str(CLASSIFY)!r}, run_name='__main__'); "
+              "assert 'torch' not in sys.modules, 'torch imported'")
+    ours = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert ours.returncode == 0, ours.stderr
+    expected = run_cli("classify", "predict", str(run), *TEXTS[:4], "--json", env=ONE_THREAD)
+    assert [line.split("\t")[0] for line in ours.stdout.splitlines()] == \
+        [json.loads(line)["label"] for line in expected.stdout.splitlines()]
 
 
 def one_line_refusal(proc: subprocess.CompletedProcess[str], *words: str) -> None:
@@ -228,13 +273,6 @@ def test_refuses_what_it_cannot_export(tmp_path: Path) -> None:
         export_onnx(tmp_path / "head", tmp_path / "out")
     assert "\n" not in str(refused.value)
 
-    bag = RNNModel(ModelConfig(vocab_size=tok.vocab_size, hidden=8, emb_dim=4))
-    bag.heads["classifier"] = ClassifierHead(bag.encoder.output_size, ["x", "y"], ngrams=2)
-    save_checkpoint(tmp_path / "bag", bag, tok, {})
-    one_line_refusal(run_cli("export", str(tmp_path / "bag"), "-o", str(tmp_path / "out"), env=ONE_THREAD),
-                     "--ngrams 0")
-    assert not (tmp_path / "out").exists()
-
     # Without onnx installed (an import hook makes `import onnx` fail): the message says what to install.
     shim = tmp_path / "shim"
     shim.mkdir()
@@ -250,9 +288,11 @@ def test_refuses_what_it_cannot_export(tmp_path: Path) -> None:
                      "pip install 'rnngen[export]'")
 
 
+@pytest.mark.parametrize("ngrams", [0, 2], ids=["recurrent", "with-bag"])
 @pytest.mark.parametrize("chars", ["abc \n", "abc "], ids=["newline-start", "no-newline"])
-def test_classifier_graph_folds_the_vote_as_classify_does(chars: str, tmp_path: Path) -> None:
-    """classifier.onnx's graph against rnngen.classify on random weights, with and without a start token."""
+def test_classifier_graph_folds_the_vote_as_classify_does(chars: str, ngrams: int, tmp_path: Path) -> None:
+    """classifier.onnx's graph against rnngen.classify on random weights, with and without a start token, with
+    and without a bag of n-grams (the graph's right-padded bags against the head's flat ones)."""
     from rnngen.classify import class_log_scores, encode_texts, start_ids
     from rnngen.export import ClassifierGraph, export_classifier
 
@@ -260,17 +300,30 @@ def test_classifier_graph_folds_the_vote_as_classify_does(chars: str, tmp_path: 
     tok = CharTokenizer(list(chars))
     model = RNNModel(ModelConfig(vocab_size=tok.vocab_size + 2, hidden=8, emb_dim=4, layers=2, dropout=0.0,
                                  label_tokens=("x", "y"))).eval()
-    model.heads["classifier"] = ClassifierHead(model.encoder.output_size, ["x", "y"])
+    head = ClassifierHead(model.encoder.output_size, ["x", "y"], ngrams=ngrams)
+    model.heads["classifier"] = head
     model.eval()
+    texts = ["abcab", "c", "", "ba cab", "cab" * 9]
+    read = encode_texts(tok, texts, 4, ngrams)
+    bag_inputs: tuple[torch.Tensor, ...] = ()
+    if ngrams:
+        with torch.no_grad():
+            head.bag.weight.normal_()
+        head.set_idf([ids for ids, _ in read.bags or []])
+        head.bag_share.fill_(0.625)
+        width = max(len(ids) for ids, _ in read.bags or [])
+        ids, counts = torch.zeros(len(texts), width, dtype=torch.long), torch.zeros(len(texts), width)
+        for i, (b, c) in enumerate(read.bags or []):
+            ids[i, : len(b)], counts[i, : len(c)] = torch.from_numpy(b), torch.from_numpy(c)
+        bag_inputs = (ids, counts)
     prior = [-0.3, -1.35]
-    read = encode_texts(tok, ["abcab", "c", "", "ba cab"], 4)
     seqs = read.seqs
     tokens = torch.zeros(len(seqs), max(map(len, seqs)), dtype=torch.long)
     for i, seq in enumerate(seqs):
         tokens[i, : len(seq)] = torch.from_numpy(seq)
     lengths = torch.tensor([len(s) for s in seqs])
     with torch.no_grad():
-        logits, scores = ClassifierGraph(model, 0.75, prior, start_ids(tok)).eval()(tokens, lengths)
+        logits, scores = ClassifierGraph(model, 0.75, prior, start_ids(tok)).eval()(tokens, lengths, *bag_inputs)
     expected = class_log_scores(model, tok, read, torch.device("cpu"), 0.75, prior)
     torch.testing.assert_close(scores, expected, atol=1e-5, rtol=0)
     torch.testing.assert_close(torch.log_softmax(logits, -1),
