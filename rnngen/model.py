@@ -159,7 +159,8 @@ def bag_of_ngrams(ids: np.ndarray, ngrams: int, text: str = "", char_ngrams: int
 class ClassifierHead(nn.Module):
     """Pools the hidden sequence (final state, masked mean and max, concatenated), then dropout and a linear.
 
-    With ``ngrams`` > 0 it also has a linear model of the text's bag of hashed token n-grams, weighted as in
+    With ``ngrams`` > 0 it also has a linear model of the text's bag of hashed token n-grams (and with
+    ``char_ngrams`` of character n-grams: model.CHAR_NGRAMS), weighted as in
     TF-IDF (log counts times the inverse document frequency, L2-normalised): what a topic task rewards,
     read over the whole text however long, while the recurrent encoder reads its beginning. The bag is a
     logistic regression fitted on its own (classify.fit_bag) and the recurrent part trains beside it with its
