@@ -419,6 +419,9 @@ class Terminal:
             pid, fd = pty.fork()
         if pid == 0:
             try:
+                # As a shell starts a foreground job: Ctrl-C's SIGINT not ignored, even when these tests run
+                # in a background job of a shell without job control (which ignores SIGINT for it).
+                signal.signal(signal.SIGINT, signal.SIG_DFL)
                 fcntl.ioctl(0, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 200, 0, 0))
                 os.execve(args[0], args, env)
             finally:
