@@ -33,7 +33,6 @@ The rules and their reasons:
 from __future__ import annotations
 
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,7 +41,7 @@ import torch.nn.functional as F
 
 from .config import ClassifyConfig, ModelConfig, TrainConfig
 from .corpora import Corpus
-from .model import CHAR_NGRAMS, RNNModel
+from .model import RNNModel
 from .runtime import autocast, use_bf16
 
 DEFAULT_PASSES = 20
@@ -67,15 +66,15 @@ class CorpusStats:
 
     @classmethod
     def of(cls, corpus: Corpus) -> CorpusStats:
-        counts: Counter[str] = Counter()
+        seen: set[str] = set()
         read, whole = 0, True
         for chunk in corpus.chunks():
-            counts.update(chunk)
+            seen.update(chunk)
             read += len(chunk)
             if read >= SAMPLE_CHARS:
                 whole = False
                 break
-        return cls(read, len(counts), whole)
+        return cls(read, len(seen), whole)
 
 
 @dataclass
@@ -252,10 +251,12 @@ def choose_classifier(stats: LabelledStats, config: ClassifyConfig, given: dict[
     choice.set(given, "schedule", "wsd", "constant rate, decay at the end: right for any budget")
 
 
-def describe_classifier(options: dict[str, Any], stats: LabelledStats, config: ClassifyConfig) -> str:
-    """The one line said before training: e.g. ``bpe 8000 + bag of 1-2-grams, 2x256 lstm, word dropout 0.4 ...``."""
+def describe_classifier(options: dict[str, Any], stats: LabelledStats, config: ClassifyConfig,
+                        char_ngrams: int = 0) -> str:
+    """The one line said before training: e.g. ``bpe 8000 + bag of 1-2-grams, 2x256 lstm, word dropout 0.4 ...``
+    (``char_ngrams``: the character n-grams the head's bag holds beside its token n-grams)."""
     vocab = f" {options['vocab_size']:,}" if options["tokenizer"] == "bpe" else ""
-    chars = f" and 1-{CHAR_NGRAMS} characters" if options["tokenizer"] != "char" else ""
+    chars = f" and 1-{char_ngrams} characters" if char_ngrams else ""
     bag = f" + bag of 1-{config.ngrams}-grams{chars}" if config.ngrams else ""
     budget = f"{config.max_time:g} s" if config.max_time else f"up to {config.max_epochs} epochs"
     return (f"{options['tokenizer']}{vocab}{bag}, {options['layers']}x{options['hidden']} {options['arch']}, "

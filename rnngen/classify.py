@@ -552,7 +552,8 @@ def prepare_classifier(data_paths: Sequence[str], out: str | Path, base: str | N
         bag_c = fit_bag(head, train_enc, val_enc)
         fitting = time.perf_counter() - started
     if config.preset == "auto":
-        choice.line = describe_classifier({**to_dict(model.config), "tokenizer": tokenizer.kind}, stats, config)
+        choice.line = describe_classifier({**to_dict(model.config), "tokenizer": tokenizer.kind}, stats, config,
+                                          head.char_ngrams)
     meta = {"training": {"task": "classify", "data": ", ".join(str(p) for p in data_paths),
                          "corpus": ", ".join(str(p) for p in data_paths),
                          "examples": len(train_set), "val_examples": len(val_set), "classes": classes,

@@ -108,13 +108,7 @@ class ClassifierGraph(nn.Module):
         index = (lengths - 1).view(-1, 1, 1).expand(-1, 1, hidden.size(2))
         last = hidden.gather(1, index).squeeze(1)
         recurrent, _ = head.parts(hidden, last, lengths)
-        bag = None
-        if bag_ids is not None and bag_counts is not None:
-            # ClassifierHead.bag_logits on right-padded bags (B, K): EmbeddingBag's offsets do not trace to a
-            # dynamic batch, a gather and a sum do. Padding counts are 0, so their weights are 0.
-            weights = torch.log1p(bag_counts) * head.idf[bag_ids]
-            weights = weights / weights.pow(2).sum(1, keepdim=True).sqrt().clamp_min(1e-6)
-            bag = (weights.unsqueeze(-1) * head.bag.weight[bag_ids]).sum(1)
+        bag = None if bag_ids is None or bag_counts is None else head.padded_bag_logits(bag_ids, bag_counts)
         logits = head.mix(recurrent, bag)
         scores = torch.log_softmax(logits, dim=-1)
         if self.vote > 0:

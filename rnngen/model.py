@@ -192,13 +192,25 @@ class ClassifierHead(nn.Module):
             df[torch.as_tensor(ids)] += 1
         self.idf.copy_(torch.log((1 + len(documents)) / (1 + df)) + 1)
 
+    def tfidf(self, ids: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Each n-gram's weight before the text's L2 norm: log(1 + count) * idf (0 for a count of 0)."""
+        return torch.log1p(counts) * self.idf[ids]
+
     def bag_logits(self, bag: Bag) -> torch.Tensor:
+        """The bag's class logits (B, C) from flat bags (ids, offsets, counts: see bag_of_ngrams)."""
         ids, offsets, counts = (t.to(self.idf.device) for t in bag)
-        weights = torch.log1p(counts) * self.idf[ids]
+        weights = self.tfidf(ids, counts)
         text = torch.repeat_interleave(torch.arange(len(offsets), device=ids.device),
                                        torch.diff(offsets, append=offsets.new_tensor([len(ids)])))
         norms = torch.zeros(len(offsets), device=ids.device).index_add_(0, text, weights ** 2).sqrt()
         return self.bag(ids, offsets, per_sample_weights=weights / norms.clamp_min(1e-6)[text])
+
+    def padded_bag_logits(self, ids: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """bag_logits on right-padded bags (B, K), padding counted 0: a gather and a sum, which trace to a
+        dynamic batch where EmbeddingBag's offsets do not (the ONNX export)."""
+        weights = self.tfidf(ids, counts)
+        weights = weights / weights.pow(2).sum(1, keepdim=True).sqrt().clamp_min(1e-6)
+        return (weights.unsqueeze(-1) * self.bag.weight[ids]).sum(1)
 
     def parts(self, hidden: torch.Tensor, last: torch.Tensor, lengths: torch.Tensor,
               bag: Bag | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
