@@ -308,39 +308,49 @@ BAG_C_GRID = (1.0, 10.0, 100.0)
 BAG_ITERATIONS = 100  # L-BFGS iterations per fit: converged on every data set measured (seconds)
 
 
-def fit_bag(head: ClassifierHead, train: Encoded, val: Encoded) -> float:
-    """Fit the bag of n-grams as a logistic regression on the whole training set (L-BFGS to convergence, as
-    the linear baselines are fitted; minibatch Adam over the same epochs measured 0.02-0.04 lower), for each
-    strength in BAG_C_GRID; keep the one with the lowest validation loss (as the bag's share: best_bag_share).
-    The bag is then fixed: the recurrent part trains beside it. Returns C."""
+def fit_bag_weights(head: ClassifierHead, bags: Bag, targets: torch.Tensor, c: float) -> None:
+    """Fit the bag's weights as a logistic regression of strength ``c`` on these texts (L-BFGS to convergence)."""
+    weight = head.bag.weight
+    with torch.no_grad():
+        weight.zero_()
+    weight.requires_grad_(True)
+    optimizer = torch.optim.LBFGS([weight], lr=1.0, max_iter=BAG_ITERATIONS, history_size=10,
+                                  line_search_fn="strong_wolfe")
+
+    def objective() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = F.cross_entropy(head.bag_logits(bags), targets, reduction="sum") * c
+        loss = (loss + 0.5 * weight.pow(2).sum()) / len(targets)  # scaled: the same optimum, tamer steps
+        loss.backward()
+        return loss
+
+    optimizer.step(objective)
+    weight.requires_grad_(False)
+
+
+def fit_bag(head: ClassifierHead, train: Encoded, val: Encoded) -> tuple[float, torch.Tensor]:
+    """Fit the bag of n-grams as a logistic regression (as the linear baselines are fitted; minibatch Adam over
+    the same epochs measured 0.02-0.04 lower) on the training texts for each strength in BAG_C_GRID, and keep
+    the one with the lowest validation loss; then fit it again with that strength on the training and
+    validation texts together, which the model keeps (on the man pages, 80% -> 100% of the labelled pages
+    moved the bag's test accuracy 0.848 -> 0.862). The bag is then fixed: the recurrent part trains beside it.
+
+    Returns C and the validation texts' bag logits from the fit that did not see them: evaluation mixes
+    those with the recurrent part's (best_bag_share), so the share and the validation scores stay honest."""
     x_train, x_val = pad_bags(train.bags or []), pad_bags(val.bags or [])
     y_train, y_val = torch.from_numpy(train.targets), torch.from_numpy(val.targets)
-    weight = head.bag.weight
     best: tuple[float, float, torch.Tensor] | None = None
     for c in BAG_C_GRID:
+        fit_bag_weights(head, x_train, y_train, c)
         with torch.no_grad():
-            weight.zero_()
-        weight.requires_grad_(True)
-        optimizer = torch.optim.LBFGS([weight], lr=1.0, max_iter=BAG_ITERATIONS, history_size=10,
-                                      line_search_fn="strong_wolfe")
-
-        def objective() -> torch.Tensor:
-            optimizer.zero_grad()
-            loss = F.cross_entropy(head.bag_logits(x_train), y_train, reduction="sum") * c
-            loss = (loss + 0.5 * weight.pow(2).sum()) / len(y_train)  # scaled: the same optimum, tamer steps
-            loss.backward()
-            return loss
-
-        optimizer.step(objective)
-        with torch.no_grad():
-            val_loss = float(F.cross_entropy(head.bag_logits(x_val), y_val))
+            val_logits = head.bag_logits(x_val)
+        val_loss = float(F.cross_entropy(val_logits, y_val))
         if best is None or val_loss < best[0]:
-            best = (val_loss, c, weight.detach().clone())
+            best = (val_loss, c, val_logits)
     assert best is not None
-    with torch.no_grad():
-        weight.copy_(best[2])
-    weight.requires_grad_(False)
-    return best[1]
+    _, c, held_out = best
+    fit_bag_weights(head, pad_bags([*(train.bags or []), *(val.bags or [])]), torch.cat([y_train, y_val]), c)
+    return c, held_out
 
 
 # -- the trainer ------------------------------------------------------------------------------------------
@@ -353,11 +363,15 @@ class ClassifierTrainer(TrainLoop):
     def __init__(self, model: RNNModel, tokenizer: Tokenizer, train: Encoded, val: Encoded,
                  config: ClassifyConfig, run_dir: Path, meta: dict[str, Any], device: torch.device,
                  fine_tune: bool, callback: Callable[[TrainEvent], None] | None = None,
-                 stop: threading.Event | None = None, resumed: bool = False) -> None:
+                 stop: threading.Event | None = None, resumed: bool = False,
+                 val_bag_logits: torch.Tensor | None = None) -> None:
         super().__init__(model, tokenizer, config, run_dir, meta, device, callback, stop,
                          scaled=scaled_groups(model, config.lr_decay, fine_tune))
         self.config: ClassifyConfig = config
         self.train, self.val, self.fine_tune, self.resumed = train, val, fine_tune, resumed
+        # The bag's validation logits from its fit without the validation texts (see fit_bag); None: the
+        # model's own bag's (a run from before the bag was refitted on them).
+        self.val_bag_logits = val_bag_logits
         self.groups = layer_groups(self.model)
         self.lengths = [len(s) for s in train.inputs]
         self._epoch_cache: tuple[int, list[np.ndarray], np.ndarray] = (-1, [], np.zeros(0, bool))
@@ -447,7 +461,10 @@ class ClassifierTrainer(TrainLoop):
     def evaluate(self) -> dict[str, Any]:
         """Validation metrics; with the LM's vote, of the weight that classifies the most texts right (the
         smallest of equals), kept as ``lm_vote``; ``loss`` is the head's."""
-        recurrent, bag = predict_parts(self.model, self.val.inputs, self.device, bf16=self.bf16, bags=self.val.bags)
+        held_out = self.val_bag_logits
+        recurrent, bag = predict_parts(self.model, self.val.inputs, self.device, bf16=self.bf16,
+                                       bags=self.val.bags if held_out is None else None)
+        bag = bag if held_out is None else held_out
         share = self._choose_bag_share(recurrent, bag) if bag is not None else None
         head = torch.log_softmax(self.model.classifier.mix(recurrent, bag), dim=-1)  # type: ignore[union-attr]
         scores, vote = head, 0.0
@@ -484,7 +501,11 @@ class ClassifierTrainer(TrainLoop):
         return True
 
     def extra_state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-        return {"fine_tune": self.fine_tune}, {}
+        held_out = {} if self.val_bag_logits is None else {"val_bag_logits": self.val_bag_logits}
+        return {"fine_tune": self.fine_tune}, held_out
+
+    def restore_extra(self, state: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+        self.val_bag_logits = tensors.get("val_bag_logits")
 
     def extra_meta(self) -> dict[str, Any]:
         return {"classify": {"max_len": self.config.max_len, "config": to_dict(self.config),
@@ -545,11 +566,11 @@ def prepare_classifier(data_paths: Sequence[str], out: str | Path, base: str | N
     assert head is not None
     train_enc = encode_data(train_set, tokenizer, model.config, config.max_len, head)
     val_enc = encode_data(val_set, tokenizer, model.config, config.max_len, head)
-    bag_c, fitting = None, 0.0
+    bag_c, val_bag_logits, fitting = None, None, 0.0
     if train_enc.bags is not None:
         started = time.perf_counter()
         head.set_idf([ids for ids, _ in train_enc.bags])
-        bag_c = fit_bag(head, train_enc, val_enc)
+        bag_c, val_bag_logits = fit_bag(head, train_enc, val_enc)
         fitting = time.perf_counter() - started
     if config.preset == "auto":
         choice.line = describe_classifier({**to_dict(model.config), "tokenizer": tokenizer.kind}, stats, config,
@@ -564,7 +585,7 @@ def prepare_classifier(data_paths: Sequence[str], out: str | Path, base: str | N
             "resume": {"data": {"paths": [str(Path(p).resolve()) for p in data_paths], "read": read_options,
                                 "examples": len(data)}}}
     trainer = ClassifierTrainer(model, tokenizer, train_enc, val_enc, config, run_dir, meta, device,
-                                fine_tune=bool(base), callback=callback, stop=stop)
+                                fine_tune=bool(base), callback=callback, stop=stop, val_bag_logits=val_bag_logits)
     trainer.pos.elapsed = fitting  # fitting the bag is training: --max-time counts it (a minute on long texts)
     return trainer
 

@@ -187,6 +187,24 @@ def test_fitting_the_bag_counts_against_the_time_budget(order_csv: Path, tmp_pat
     assert prepare_classifier([str(order_csv)], tmp_path / "none", **options, ngrams=0).pos.elapsed == 0
 
 
+def test_the_bag_is_refitted_on_the_validation_texts_and_validated_without_them(tmp_path: Path) -> None:
+    """The kept bag has seen every labelled text; the validation scores come from its fit without the
+    validation texts. Labels here are noise: only a bag that saw a text knows its label."""
+    rng = random.Random(0)
+    rows = [("".join(rng.choices("abcdefghij", k=12)), rng.choice("AB")) for _ in range(200)]
+    data = write_csv(tmp_path / "noise.csv", rows)
+    trainer = prepare_classifier([str(data)], tmp_path / "run", **{"hidden": 16, "emb_dim": 8, "layers": 1},
+                                 max_steps=1, device="cpu")
+    head, targets = trainer.model.classifier, torch.from_numpy(trainer.val.targets)
+    with torch.no_grad():
+        kept = head.bag_logits(pad_bags(trainer.val.bags))
+    kept_right = float((kept.argmax(1) == targets).float().mean())
+    held_out_right = float((trainer.val_bag_logits.argmax(1) == targets).float().mean())
+    assert kept_right > 0.9 and held_out_right < 0.75, (kept_right, held_out_right)
+    trainer.run()  # and evaluation mixes in the held-out logits: validation accuracy near chance, not ~1
+    assert trainer.last_val["accuracy"] < 0.75
+
+
 def test_a_checkpoint_with_both_heads_round_trips(order_csv: Path, tmp_path: Path) -> None:
     trainer = prepare_classifier([str(order_csv)], tmp_path / "run", **{"hidden": 16, "emb_dim": 8,
                                  "layers": 1}, max_steps=20, device="cpu", lm_vote=0)
