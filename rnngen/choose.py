@@ -252,7 +252,7 @@ def choose_classifier(stats: LabelledStats, config: ClassifyConfig, given: dict[
 
 
 def describe_classifier(options: dict[str, Any], stats: LabelledStats, config: ClassifyConfig,
-                        char_ngrams: int = 0) -> str:
+                        char_ngrams: int) -> str:
     """The one line said before training: e.g. ``bpe 8000 + bag of 1-2-grams, 2x256 lstm, word dropout 0.4 ...``
     (``char_ngrams``: the character n-grams the head's bag holds beside its token n-grams)."""
     vocab = f" {options['vocab_size']:,}" if options["tokenizer"] == "bpe" else ""

@@ -461,10 +461,11 @@ class ClassifierTrainer(TrainLoop):
     def evaluate(self) -> dict[str, Any]:
         """Validation metrics; with the LM's vote, of the weight that classifies the most texts right (the
         smallest of equals), kept as ``lm_vote``; ``loss`` is the head's."""
-        held_out = self.val_bag_logits
+        held_out = self.val_bag_logits  # the bag's logits from its fit without these texts (see fit_bag)
         recurrent, bag = predict_parts(self.model, self.val.inputs, self.device, bf16=self.bf16,
                                        bags=self.val.bags if held_out is None else None)
-        bag = bag if held_out is None else held_out
+        if held_out is not None:
+            bag = held_out
         share = self._choose_bag_share(recurrent, bag) if bag is not None else None
         head = torch.log_softmax(self.model.classifier.mix(recurrent, bag), dim=-1)  # type: ignore[union-attr]
         scores, vote = head, 0.0

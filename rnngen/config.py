@@ -228,7 +228,8 @@ class ClassifyConfig(RunConfig):
     max_epochs: int = option(10, "Passes over the training texts.")
     max_len: int = option(256, "Tokens of each text read (its beginning).")
     ngrams: int = option(0, "Add a linear model of each whole text's bag of token n-grams (1 to N tokens, "
-                            "TF-IDF weighted) to the recurrent classifier (0 = off).",
+                            "TF-IDF weighted; a subword model's bag also holds 1-4-grams of characters), fitted first on "
+                            "all the labelled texts, to the recurrent classifier (0 = off).",
                          shown="auto: 4 for characters, 2 for subwords; plain: 0")
     balance: bool = option(False, "Weight classes by inverse frequency.")
     lm_weight: float = option(0.5, "Weight of the auxiliary language-model loss on the texts, which keeps the "
