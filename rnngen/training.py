@@ -181,9 +181,7 @@ def _new_run_data(sources: list[str], run_dir: Path, encoding: str, errors: str,
     stats = CorpusStats.of(corpus) if auto else None
     if stats is not None:
         choose_tokenizer(stats, given, choice)
-        choose_model(device, given, choice)
         tok_opts = {**pick(choice.options, TokenizerConfig), **tok_opts}
-        model_opts = {**pick(choice.options, ModelConfig), **model_opts}
     tok_config = TokenizerConfig(**tok_opts)
     fine_tune: dict[str, Any] = {}
     base_model = None
@@ -200,8 +198,12 @@ def _new_run_data(sources: list[str], run_dir: Path, encoding: str, errors: str,
                                           for i in range(0, len(tokens), 1 << 24))
     train_tokens = int(len(tokens) * (1 - config.val_fraction))
     if stats is not None:
-        model_config = ModelConfig(vocab_size=tokenizer.vocab_size, **model_opts)
-        speed = probe_steps_per_second(model_config, config, device) if config.max_time else None
+        def sized(layers: int, hidden: int) -> ModelConfig:
+            return ModelConfig(vocab_size=tokenizer.vocab_size, **{**model_opts, "layers": layers, "hidden": hidden})
+
+        speed = choose_model(device, given, choice, config.max_time, config.batch_size * config.seq_len,
+                             lambda layers, hidden: probe_steps_per_second(sized(layers, hidden), config, device),
+                             lambda layers, hidden: RNNModel(sized(layers, hidden)).num_parameters())
         expected, _ = choose_recipe(config, given, train_tokens, speed, choice)
         model_opts = {**pick(choice.options, ModelConfig), **model_opts}
         config = replace(config, **{**pick(choice.options, TrainConfig), **train_opts})

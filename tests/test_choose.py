@@ -50,6 +50,47 @@ def test_the_model_size_follows_the_device() -> None:
     assert cpu.options == {"layers": 2, "hidden": 256} and cuda.options == {"layers": 3}
 
 
+# Speeds and sizes of 2-layer models as measured on the 2-core CPU (steps of 64x128 per second, parameters).
+SPEED = {256: 4.0, 384: 2.5, 512: 1.6}
+PARAMETERS = {256: 850_000, 384: 1_900_000, 512: 3_300_000}
+
+
+def timed_size(seconds: float | None, given: dict | None = None) -> tuple[Choice, list[int], float | None]:
+    """What a CPU run with this budget chooses, the sizes it probed, and the speed it returned."""
+    choice, probed = Choice(), []
+
+    def speed_of(layers: int, hidden: int) -> float:
+        probed.append(hidden)
+        return SPEED[hidden] * 2 / layers
+
+    speed = choose.choose_model(torch.device("cpu"), given or {}, choice, seconds, 64 * 128, speed_of,
+                                lambda layers, hidden: PARAMETERS[hidden] * layers // 2)
+    return choice, probed, speed
+
+
+def test_a_timed_cpu_model_grows_while_it_reads_enough_tokens_per_parameter() -> None:
+    # 60 s: even 2x256's speed would read 384's parameters only ~1.6 times each: 384 is not probed.
+    choice, probed, speed = timed_size(60)
+    assert (choice.options["hidden"], probed, speed) == (256, [256], 4.0)
+    # 300 s: 384 is worth a probe, but at its own speed it reads ~3.2 tokens per parameter (< 5).
+    choice, probed, _ = timed_size(300)
+    assert (choice.options["hidden"], probed) == (256, [256, 384])
+    # 1,200 s: 384 reads ~13; 512 at its speed reads ~4.8: 384, said with its reason.
+    choice, probed, speed = timed_size(1200)
+    assert (choice.options, probed, speed) == ({"layers": 2, "hidden": 384}, [256, 384, 512], 2.5)
+    assert "tokens per parameter" in choice.reasons[-1]
+    # 3,600 s: 512 reads ~14.
+    assert timed_size(3600)[0].options["hidden"] == 512
+
+
+def test_a_given_size_is_kept_and_probed_as_it_is() -> None:
+    choice, probed, speed = timed_size(3600, {"hidden": 384})
+    assert ("hidden" not in choice.options, probed, speed) == (True, [384], 2.5)
+    choice, probed, _ = timed_size(3600, {"layers": 4})  # the given layers are what the rule sizes
+    assert "layers" not in choice.options and choice.options["hidden"] == 384 and set(probed) == {256, 384, 512}
+    assert timed_size(None)[1:] == ([], None)  # no time budget: nothing probed, 2x256
+
+
 def test_the_default_budget_reads_the_text_a_few_times_within_bounds() -> None:
     assert choose.default_steps(train_tokens=500_000, tokens_per_step=8192) == round(20 * 500_000 / 8192)
     assert choose.default_steps(10_000, 8192) == choose.MIN_STEPS

@@ -99,6 +99,20 @@ def test_a_folder_is_read_file_by_file_in_path_order(tmp_path) -> None:
 def test_builtin_corpus_is_prose() -> None:
     text = resolve_corpus([]).read()
     assert 300_000 < len(text) < 2_000_000 and "the" in text
+    lines = text.splitlines()
+    # What made a cold sample at a low temperature all spaces: indentation by runs of spaces, aligned columns.
+    assert not any(line.startswith(" ") for line in lines) and "   " not in text and "::=" not in text
+    assert "\n\n\n" not in text
+    # Code keeps its structure, a tab per level: the for statement's example, indented as in its help page.
+    assert "for i in range(10):\n\tprint(i)\n" in text
+
+
+def test_indented_blocks_go_to_the_margin_with_a_tab_per_level() -> None:
+    from rnngen.corpora import _page_text
+
+    page = ("Prose:\n\n   def f(x):\n       return x  # aligned     comment\n\n   f(1)\n\n"
+            "stmt ::= a\n         | b\n\nMore prose.\n+----+\n| ab |\n+----+\n")
+    assert _page_text(page) == "Prose:\n\ndef f(x):\n\treturn x  # aligned  comment\n\nf(1)\n\nMore prose."
 
 
 @pytest.mark.parametrize("content, message", [
