@@ -8,6 +8,7 @@ characters they spell). One run after the other, alone on the machine.
     python benchmarks/defaults.py                          # every corpus at 60 s and 300 s
     python benchmarks/defaults.py --budgets 1200 --corpora tinyshakespeare,python
     python benchmarks/defaults.py --budgets 60 --corpora names --no-ref   # rnngen alone, a quick look
+    python benchmarks/defaults.py --budgets 60 --corpora agnews --no-ref --flags "--batch-size 32"  # a what-if
 
 Corpora (each skipped, with the reason, when it cannot be had here):
   tinyshakespeare  ../shared/data/tinyshakespeare.txt (verse drama, 1.1 MB)
@@ -26,6 +27,7 @@ import csv
 import json
 import math
 import re
+import shlex
 import subprocess
 import sys
 import sysconfig
@@ -106,11 +108,11 @@ def held_out_nats_per_char(run: Path, text: str) -> float:
     return total / max(1, scored_chars)
 
 
-def run_rnngen(corpus: Path, text: str, seconds: float) -> dict:
+def run_rnngen(corpus: Path, text: str, seconds: float, flags: list[str]) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         run = Path(tmp) / "run"
         cmd = [sys.executable, "-m", "rnngen", "train", str(corpus), "--out", str(run), "--max-time", str(seconds),
-               "--json"]
+               "--json", *flags]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(proc.stderr[-2000:])
@@ -131,13 +133,15 @@ def main() -> None:
     p.add_argument("--budgets", default="60,300", help="seconds, comma-separated")
     p.add_argument("--corpora", default=",".join(CORPORA))
     p.add_argument("--no-ref", action="store_true", help="skip the reference")
+    p.add_argument("--flags", default="", help="more options for rnngen train (what a flag would change)")
     a = p.parse_args()
     cells = []
     for name, text, work in each_available(a.corpora, corpus_text):
         corpus = work / f"{name}.txt"
         corpus.write_text(text, encoding="utf-8")
         for seconds in (float(b) for b in a.budgets.split(",")):
-            cell = {"corpus": name, "chars": len(text), "seconds": seconds, "rnngen": run_rnngen(corpus, text, seconds)}
+            cell = {"corpus": name, "chars": len(text), "seconds": seconds, "flags": a.flags,
+                    "rnngen": run_rnngen(corpus, text, seconds, shlex.split(a.flags))}
             if not a.no_ref:
                 cell["reference"] = run_reference(corpus, seconds)
                 cell["lower_by"] = round(cell["reference"]["nats_per_char"] - cell["rnngen"]["nats_per_char"], 4)

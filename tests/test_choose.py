@@ -91,6 +91,29 @@ def test_a_given_size_is_kept_and_probed_as_it_is() -> None:
     assert timed_size(None)[1:] == ([], None)  # no time budget: nothing probed, 2x256
 
 
+def test_the_probe_takes_the_median_step_over_a_second(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = [0.0]
+    monkeypatch.setattr(choose.time, "perf_counter", lambda: clock[0])
+
+    def steps_of(durations: list[float]) -> tuple[float, int]:
+        left = iter(durations)
+        taken = []
+
+        def step() -> None:
+            taken.append(next(left))
+            clock[0] += taken[-1]
+
+        return choose.median_seconds(step), len(taken)
+
+    # One step held up by another process does not decide the speed; three steps over a second are enough.
+    assert steps_of([0.5, 4.0, 0.5] + [0.5] * 40) == (0.5, 3)
+    # Fast steps are timed until a second has passed; very fast ones until the cap.
+    assert steps_of([0.125] * 40) == (0.125, 8)
+    assert steps_of([2**-7] * 40) == (2**-7, choose.PROBE_STEPS[1])
+    # A slow first step (caches still cold) weighs as one of five.
+    assert steps_of([0.5] + [0.125] * 40) == (0.125, 5)
+
+
 def test_the_default_budget_reads_the_text_a_few_times_within_bounds() -> None:
     assert choose.default_steps(train_tokens=500_000, tokens_per_step=8192) == round(20 * 500_000 / 8192)
     assert choose.default_steps(10_000, 8192) == choose.MIN_STEPS
