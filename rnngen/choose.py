@@ -23,6 +23,14 @@ The rules and their reasons:
   tokens to learn from. Measured on tiny Shakespeare in 600 s: 2x384 reading 6.8 tokens per parameter (1,579
   steps of 64x128) scored 1.4765, below what 2x256 reaches at any budget (1.48-1.49); 2x512 reading 2.3 (942
   steps) scored 1.4890, no better. A step budget, or none, keeps 2x256: there the size would set the time.
+  The size is judged by what it reads at the full batch of 64 (where the threshold was measured).
+- **Batch.** A timed CPU run then halves its batch to 32 where a step of 32 rows runs at least
+  ``HALF_BATCH_UPDATES`` times as fast as one of 64 (it does on the 2-core CPUs measured: the LSTM kernels lose
+  little at 32 rows): fewer tokens per second, more updates, and within a fixed time the updates won at every
+  size and budget measured. AG News, 2x256 in 60 s: 1.840 nats/char against 1.950 (718 steps against 473);
+  2x384 in 300 s: 1.362 against 1.395 (1,896 against 1,236); tiny Shakespeare, 2x256 in 300 s on another
+  machine: 1.490 against 1.509; 2x384 in 600 s: a tie. A GPU keeps its batch (there a row costs little), and
+  so does a step budget (half the batch would halve what it reads).
 - **Schedule.** Warm-up, a constant peak, then a linear decay over the last fifth (``wsd``): measured on a
   465 kB corpus in 120 s (issue 17), a cosine over a short budget halves the mean learning rate and cost 0.2
   nats/char; a run bounded by time does not know its length until it nears the end, where the decay sits.
@@ -63,6 +71,7 @@ PROBE_SECONDS = 1.0  # the probe times steps for at least this long (after one u
 PROBE_STEPS = (3, 30)  # ... and at least, at most this many: the median step is the speed
 CPU_HIDDEN = (256, 384, 512)  # the sizes a timed CPU run grows through
 TOKENS_PER_PARAMETER = 5  # between the 2.3 that lost and the 6.8 that won (the Model rule above)
+HALF_BATCH_UPDATES = 4 / 3  # a timed CPU run halves its batch where half makes this many times the steps
 
 
 @dataclass(frozen=True)
@@ -110,38 +119,48 @@ def choose_tokenizer(stats: CorpusStats, given: dict[str, Any], choice: Choice) 
 
 
 def choose_model(device: torch.device, given: dict[str, Any], choice: Choice, max_time: float | None = None,
-                 tokens_per_step: int = 0, speed_of: Callable[[int, int], float] | None = None,
+                 batch: int = 64, seq_len: int = 128, speed_of: Callable[[int, int, int], float] | None = None,
                  parameters_of: Callable[[int, int], int] | None = None) -> float | None:
-    """Layers and hidden size; returns the steps per second of the chosen size where a time budget was given.
+    """Layers, hidden size and, for a timed CPU run, the batch; returns the steps per second of what was chosen
+    where a time budget was given.
 
-    ``speed_of(layers, hidden)`` measures steps per second (the probe) and ``parameters_of(layers, hidden)``
-    counts the parameters: on the CPU, with ``--max-time``, the hidden size grows through ``CPU_HIDDEN`` while
-    the larger size still reads ``TOKENS_PER_PARAMETER`` tokens per parameter in the budget."""
+    ``speed_of(layers, hidden, batch)`` measures steps per second (the probe) and ``parameters_of(layers,
+    hidden)`` counts the parameters. On the CPU, with ``--max-time``, the hidden size grows through
+    ``CPU_HIDDEN`` while the larger size, at ``batch``, still reads ``TOKENS_PER_PARAMETER`` tokens per parameter
+    in the budget; then the batch is halved where half the batch makes ``HALF_BATCH_UPDATES`` times the steps."""
     cuda = device.type == "cuda"
     layers = given.get("layers") or (3 if cuda else 2)
     hidden = given.get("hidden") or (512 if cuda else CPU_HIDDEN[0])
     choice.set(given, "layers", layers, f"on {device.type}")
-    if not max_time or speed_of is None:
+    if not max_time or speed_of is None or parameters_of is None:
         choice.set(given, "hidden", hidden, f"on {device.type}")
-        return None
-    speed = speed_of(layers, hidden)
-    if cuda or given.get("hidden") is not None or parameters_of is None:
+        return speed_of(layers, hidden, batch) if max_time and speed_of else None
+    speed = speed_of(layers, hidden, batch)
+    if cuda:
         choice.set(given, "hidden", hidden, f"on {device.type}")
         return speed
 
     def per_parameter(steps_per_second: float, size: int) -> float:
-        return max_time * steps_per_second * tokens_per_step / parameters_of(layers, size)
+        return max_time * steps_per_second * batch * seq_len / parameters_of(layers, size)
 
-    for larger in CPU_HIDDEN[1:]:
-        # A larger size is never faster: where the smaller one's speed would not read enough, skip its probe.
-        if per_parameter(speed, larger) < TOKENS_PER_PARAMETER:
-            break
-        larger_speed = speed_of(layers, larger)
-        if per_parameter(larger_speed, larger) < TOKENS_PER_PARAMETER:
-            break
-        hidden, speed = larger, larger_speed
-    choice.set(given, "hidden", hidden, f"reads ~{per_parameter(speed, hidden):.0f} tokens per parameter in "
-                                        f"{max_time:g} s (a size grows while it reads {TOKENS_PER_PARAMETER})")
+    if given.get("hidden") is None:
+        for larger in CPU_HIDDEN[1:]:
+            # A larger size is never faster: where the smaller one's speed would not read enough, skip its probe.
+            if per_parameter(speed, larger) < TOKENS_PER_PARAMETER:
+                break
+            larger_speed = speed_of(layers, larger, batch)
+            if per_parameter(larger_speed, larger) < TOKENS_PER_PARAMETER:
+                break
+            hidden, speed = larger, larger_speed
+        choice.set(given, "hidden", hidden, f"reads ~{per_parameter(speed, hidden):.0f} tokens per parameter in "
+                                            f"{max_time:g} s at batch {batch} (a size grows while it reads "
+                                            f"{TOKENS_PER_PARAMETER})")
+    if given.get("batch_size") is None and batch > 1:
+        half_speed = speed_of(layers, hidden, batch // 2)
+        if half_speed >= HALF_BATCH_UPDATES * speed:
+            choice.set(given, "batch_size", batch // 2, f"{half_speed / speed:.1f}x the updates, "
+                                                       f"{half_speed / (2 * speed):.0%} of the tokens per second")
+            speed = half_speed
     return speed
 
 

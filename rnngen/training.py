@@ -201,9 +201,12 @@ def _new_run_data(sources: list[str], run_dir: Path, encoding: str, errors: str,
         def sized(layers: int, hidden: int) -> ModelConfig:
             return ModelConfig(vocab_size=tokenizer.vocab_size, **{**model_opts, "layers": layers, "hidden": hidden})
 
-        speed = choose_model(device, given, choice, config.max_time, config.batch_size * config.seq_len,
-                             lambda layers, hidden: probe_steps_per_second(sized(layers, hidden), config, device),
+        def speed_of(layers: int, hidden: int, batch: int) -> float:
+            return probe_steps_per_second(sized(layers, hidden), replace(config, batch_size=batch), device)
+
+        speed = choose_model(device, given, choice, config.max_time, config.batch_size, config.seq_len, speed_of,
                              lambda layers, hidden: RNNModel(sized(layers, hidden)).num_parameters())
+        config = replace(config, batch_size=choice.options.get("batch_size", config.batch_size))
         expected, _ = choose_recipe(config, given, train_tokens, speed, choice)
         model_opts = {**pick(choice.options, ModelConfig), **model_opts}
         config = replace(config, **{**pick(choice.options, TrainConfig), **train_opts})
