@@ -134,7 +134,7 @@ def choose_model(device: torch.device, given: dict[str, Any], choice: Choice, ma
     choice.set(given, "layers", layers, f"on {device.type}")
     if not max_time or speed_of is None or parameters_of is None:
         choice.set(given, "hidden", hidden, f"on {device.type}")
-        return speed_of(layers, hidden, batch) if max_time and speed_of else None
+        return None
     speed = speed_of(layers, hidden, batch)
     if cuda:
         choice.set(given, "hidden", hidden, f"on {device.type}")
@@ -170,7 +170,7 @@ def default_steps(train_tokens: int, tokens_per_step: int) -> int:
 
 
 def probe_steps_per_second(model_config: ModelConfig, config: TrainConfig, device: torch.device) -> float:
-    """Training steps per second of this model and batch on this machine: a few steps on random tokens."""
+    """Training steps per second of this model and batch on this machine: the median step on random tokens."""
     torch.manual_seed(0)
     model = RNNModel(model_config).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)

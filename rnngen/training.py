@@ -206,6 +206,7 @@ def _new_run_data(sources: list[str], run_dir: Path, encoding: str, errors: str,
 
         speed = choose_model(device, given, choice, config.max_time, config.batch_size, config.seq_len, speed_of,
                              lambda layers, hidden: RNNModel(sized(layers, hidden)).num_parameters())
+        # The recipe counts passes and evaluation tokens with the batch that will be trained.
         config = replace(config, batch_size=choice.options.get("batch_size", config.batch_size))
         expected, _ = choose_recipe(config, given, train_tokens, speed, choice)
         model_opts = {**pick(choice.options, ModelConfig), **model_opts}

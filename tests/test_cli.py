@@ -68,6 +68,12 @@ def test_train_sample_eval_info_plot(tmp_path: Path, prose_corpus: Path) -> None
     assert (tmp_path / "curve.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def words(text: str) -> str:
+    """Text with its whitespace collapsed: the terminal shows a tab as spaces (the built-in corpus indents code with
+    tabs)."""
+    return " ".join(text.split())
+
+
 def test_builtin_default_corpus(tmp_path: Path) -> None:
     proc = run_cli("train", "--max-steps", "6", "--eval-every", "3", *TINY, "--eval-max-tokens", "2000",
                    cwd=tmp_path)
@@ -79,9 +85,6 @@ def test_builtin_default_corpus(tmp_path: Path) -> None:
     records = [json.loads(line) for line in (tmp_path / "checkpoints/builtin/metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [3, 6] and all(len(r["sample"]) >= 150 for r in records)
     assert "sample at step 3" in proc.stderr and "sample at step 6" in proc.stderr
-    def words(text: str) -> str:  # the terminal shows a tab as spaces (the corpus indents code with tabs)
-        return " ".join(text.split())
-
     assert words(records[1]["sample"].strip().splitlines()[0]) in words(proc.stderr)
     info = run_cli("info", str(tmp_path / "checkpoints/builtin"))
     assert "sample at step 6" in info.stdout
